@@ -1,0 +1,275 @@
+"""The training loop: the one place where instruments meet the model.
+
+``run(cfg, run_dir)`` trains ``cfg.model`` on ``cfg.dataset`` and writes, into ``run_dir``:
+TensorBoard events (``train/loss``, ``train/nfe_forward``, ``train/nfe_backward``,
+``eval/test_error``, ``memory/activation_mib``, ``time/iter_s``, ...), ``metrics.csv`` (one row per
+epoch), ``model.pt`` (final weights) and ``summary.json`` (written last, atomically).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from . import config as C
+from .errors import ConfigError, SolverFailure, classify_solver_error
+from .instruments import ActivationMeter, NFECounter, Stopwatch
+from .models.blocks import count_parameters
+
+log = logging.getLogger("nodebench")
+
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_error", "nfe_forward",
+                 "nfe_backward", "nfe_eval", "activation_mib", "cuda_max_mib", "iter_s",
+                 "epoch_time_s", "eval_time_s", "iterations"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def evaluate(model: torch.nn.Module, data, batch_size: int, nfe: NFECounter) -> tuple[float, float]:
+    """Test error (%) and mean NFE per evaluation batch."""
+    model.eval()
+    wrong, total, batches = 0, 0, 0
+    with torch.no_grad(), nfe.phase_("eval"):
+        for x, y in data.test_batches(batch_size):
+            wrong += (model(x).argmax(1) != y).sum().item()
+            total += y.numel()
+            batches += 1
+    return 100.0 * wrong / max(total, 1), nfe.take("eval") / max(batches, 1)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train one configuration; return the summary (also written to ``run_dir/summary.json``).
+
+    Raises ConfigError for bad input (before anything is written). Numerical failures of the
+    solver end the run with ``status: failed`` and the reason.
+    """
+    C.validate(cfg)
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    if t.threads:
+        torch.set_num_threads(int(t.threads))
+    seed_everything(cfg.seed, t.deterministic)
+
+    data = C._call(cfg.dataset, "dataset").to(device)
+    shape = cfg.dataset.shape
+    model = C.build_model(cfg, shape.channels, shape.size, shape.classes).to(device)
+    n_batches = data.batches_per_epoch(t.batch_size)
+    if t.max_batches:
+        n_batches = min(n_batches, t.max_batches)
+    if n_batches == 0:
+        raise ConfigError(f"trainer.batch_size {t.batch_size} exceeds the "
+                          f"{data.train_x.shape[0]} training images")
+    optimizer, scheduler = C.build_optimizer(cfg, model, total_steps=t.epochs * n_batches)
+    step_interval = cfg.optim.interval == "step"
+    params = count_parameters(model)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only needed here
+
+    writer = SummaryWriter(str(run_dir))
+    nfe = NFECounter(model)
+    meter = ActivationMeter(model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    inst = t.instruments
+    rows: list[dict] = []
+    summary: dict[str, Any] = {
+        "status": "running", "error": None, "model": cfg.model.name,
+        "solver": cfg.solver.method if C.is_ode_model(cfg) else None,
+        "solver_desc": C.build_solver(cfg).describe() if C.is_ode_model(cfg) else None,
+        "gradient": C.build_gradient(cfg).describe() if C.is_ode_model(cfg) else None,
+        "dataset": cfg.dataset.name, "train_size": int(data.train_x.shape[0]),
+        "test_size": int(data.test_x.shape[0]), "seed": cfg.seed, "params": params,
+        "device": device_name(device), "experiment": cfg.experiment,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    log.info("%s: %s params on %s, %d train / %d test images", cfg.model.name, f"{params:,}",
+             summary["device"], summary["train_size"], summary["test_size"])
+    step = 0
+    started = time.perf_counter()
+    try:
+        for epoch in range(1, t.epochs + 1):
+            model.train()
+            clock = Stopwatch(device)
+            sums = {"loss": 0.0, "wrong": 0, "seen": 0, "nfe_f": 0, "nfe_b": 0, "mem": 0.0,
+                    "iter_s": 0.0}
+            bar = tqdm(total=n_batches, desc=f"{cfg.model.name} epoch {epoch}/{t.epochs}",
+                       disable=None if t.progress else True, leave=False, dynamic_ncols=True)
+            for i, (x, y) in enumerate(data.train_batches(t.batch_size, gen)):
+                if i >= n_batches:
+                    break
+                measure_mem = inst.memory and i % inst.memory_every == 0
+                with nfe.phase_("forward"):
+                    if measure_mem:
+                        with meter.measure(device):
+                            logits = model(x)
+                            loss = torch.nn.functional.cross_entropy(logits, y)
+                    else:
+                        logits = model(x)
+                        loss = torch.nn.functional.cross_entropy(logits, y)
+                loss_value = loss.item()  # a sync point; needed to stop on a NaN at once
+                if not math.isfinite(loss_value):
+                    raise SolverFailure(f"non-finite loss ({loss_value}) at epoch {epoch}, "
+                                        f"iteration {i}")
+                optimizer.zero_grad(set_to_none=True)
+                with nfe.phase_("backward"):
+                    loss.backward()
+                optimizer.step()
+                if step_interval:
+                    scheduler.step()
+                iter_s = clock.lap()
+                nf, nb = nfe.take("forward"), nfe.take("backward")
+                wrong = (logits.argmax(1) != y).sum().item()
+                sums["loss"] += loss_value * y.numel()
+                sums["wrong"] += wrong
+                sums["seen"] += y.numel()
+                sums["nfe_f"] += nf
+                sums["nfe_b"] += nb
+                sums["iter_s"] += iter_s
+                if measure_mem:
+                    sums["mem"] = max(sums["mem"], meter.last_mib)
+                step += 1
+                if step % t.log_every == 0:
+                    writer.add_scalar("train/loss", loss_value, step)
+                    writer.add_scalar("time/iter_s", iter_s, step)
+                    if nfe.active:
+                        writer.add_scalar("train/nfe_forward", nf, step)
+                        writer.add_scalar("train/nfe_backward", nb, step)
+                    if measure_mem:
+                        writer.add_scalar("memory/activation_mib", meter.last_mib, step)
+                bar.set_postfix(loss=f"{loss_value:.3f}", nfe=f"{nf}/{nb}", refresh=False)
+                bar.update()
+            bar.close()
+            lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None and not step_interval:
+                scheduler.step()
+            train_time = sums["iter_s"]
+            eval_clock = Stopwatch(device)
+            test_error, nfe_eval = evaluate(model, data, t.eval_batch_size, nfe)
+            eval_s = eval_clock.lap()
+            row = {
+                "epoch": epoch, "lr": lr, "train_loss": sums["loss"] / max(sums["seen"], 1),
+                "train_error": 100.0 * sums["wrong"] / max(sums["seen"], 1),
+                "test_error": test_error,
+                "nfe_forward": sums["nfe_f"] / n_batches, "nfe_backward": sums["nfe_b"] / n_batches,
+                "nfe_eval": nfe_eval, "activation_mib": sums["mem"] if inst.memory else None,
+                "cuda_max_mib": meter.cuda_max_mib, "iter_s": train_time / n_batches,
+                "epoch_time_s": train_time, "eval_time_s": eval_s, "iterations": n_batches,
+            }
+            rows.append(row)
+            _write_metrics(run_dir / "metrics.csv", rows)
+            for key in ("train_loss", "train_error", "nfe_forward", "nfe_backward"):
+                writer.add_scalar(f"epoch/{key}", row[key], epoch)
+            writer.add_scalar("eval/test_error", test_error, epoch)
+            writer.add_scalar("eval/nfe", nfe_eval, epoch)
+            writer.add_scalar("train/lr", lr, epoch)
+            writer.add_scalar("time/epoch_s", train_time, epoch)
+            if inst.memory:
+                writer.add_scalar("epoch/activation_mib", row["activation_mib"], epoch)
+            log.info("epoch %d/%d  loss %.4f  test error %.2f%%  NFE f/b %.1f/%.1f  "
+                     "mem %.1f MiB  %.1f s", epoch, t.epochs, row["train_loss"], test_error,
+                     row["nfe_forward"], row["nfe_backward"], row["activation_mib"] or 0.0,
+                     train_time)
+        summary["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - numerical failures are recorded, bugs re-raised
+        reason = classify_solver_error(exc)
+        if reason is None:
+            raise
+        summary.update(status="failed", error=reason)
+        log.error("run failed: %s", reason)
+    finally:
+        nfe.remove()
+    summary.update(_final_metrics(rows))
+    summary["wall_time_s"] = time.perf_counter() - started
+    summary["epochs_done"] = len(rows)
+    if t.save_model and summary["status"] == "ok":
+        torch.save(model.state_dict(), run_dir / "model.pt")
+    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+               for k, v in summary.items() if k in ("model", "solver", "gradient", "dataset",
+                                                      "seed", "params", "status")}
+    final = {f"hparam/{k}": summary[k] for k in ("test_error", "nfe_forward")
+             if isinstance(summary.get(k), (int, float))}
+    writer.add_hparams(hparams, final, run_name=".")
+    writer.close()
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _final_metrics(rows: list[dict]) -> dict:
+    if not rows:
+        return {k: None for k in ("test_error", "best_test_error", "best_epoch", "nfe_forward",
+                                  "nfe_backward", "nfe_eval", "activation_mib", "epoch_time_s",
+                                  "iter_s", "cuda_max_mib")}
+    last = rows[-1]
+    best = min(rows, key=lambda r: r["test_error"])
+    return {
+        "test_error": last["test_error"], "best_test_error": best["test_error"],
+        "best_epoch": best["epoch"], "nfe_forward": last["nfe_forward"],
+        "nfe_backward": last["nfe_backward"], "nfe_eval": last["nfe_eval"],
+        "activation_mib": max((r["activation_mib"] or 0.0) for r in rows) or None,
+        "cuda_max_mib": last["cuda_max_mib"],
+        "epoch_time_s": sum(r["epoch_time_s"] for r in rows) / len(rows),
+        "iter_s": sum(r["iter_s"] for r in rows) / len(rows),
+    }
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+                    warmup_steps: int = 0, final_fraction: float = 0.0):
+    """Per-iteration cosine decay of the learning rate to ``final_fraction`` of its start.
+
+    For short CPU budgets (a few epochs), where the paper's steps at epochs 60/100/140 never
+    arrive; optional linear warm-up over ``warmup_steps``.
+    """
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
