@@ -222,5 +222,17 @@ TOY_MODELS = {
     "resnet": ToyResNet,
 }
 
-__all__ = ["ToyData", "g_1d", "annulus", "annulus_wedge", "sample_shell", "polar_angle",
-           "TOY_DATASETS", "ToyField", "ToyODE", "ToyResNet", "TOY_MODELS", "READOUTS"]
+__all__ = [
+    "READOUTS",
+    "TOY_DATASETS",
+    "TOY_MODELS",
+    "ToyData",
+    "ToyField",
+    "ToyODE",
+    "ToyResNet",
+    "annulus",
+    "annulus_wedge",
+    "g_1d",
+    "polar_angle",
+    "sample_shell",
+]

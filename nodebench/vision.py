@@ -38,7 +38,7 @@ def _fake(name: str, train_size: int | None, test_size: int | None, seed: int) -
 def _load(factory, name: str, root: str, download: bool, splits: tuple[dict, dict]):
     try:
         return [factory(root, download=download, **split) for split in splits]
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted..."
+    except (RuntimeError, OSError) as exc:  # "Dataset not found or corrupted", or no network
         raise ConfigError(f"{name} not found in {root} ({str(exc).splitlines()[0]}); set "
                           f"dataset.download=true on a machine with internet, or use "
                           f"dataset={name}_fake") from None

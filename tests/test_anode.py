@@ -13,8 +13,15 @@ from nodebench import config as C
 from nodebench.instruments import NFECounter
 from nodebench.models.blocks import count_parameters
 from nodebench.solvers import Gradient, Solver
-from nodebench.toys import (TOY_MODELS, ToyField, annulus, annulus_wedge, g_1d, polar_angle,
-                            sample_shell)
+from nodebench.toys import (
+    TOY_MODELS,
+    ToyField,
+    annulus,
+    annulus_wedge,
+    g_1d,
+    polar_angle,
+    sample_shell,
+)
 
 DOPRI = Solver("dopri5", 1e-3, 1e-3, max_num_steps=1000)
 
