@@ -128,17 +128,27 @@ STATS = IterationStats()
 
 
 def fixed_point(G: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, tol: float,
-                max_iters: int, anderson: int, what: str) -> tuple[torch.Tensor, int]:
-    """Solve ``x = G(x)`` by Anderson-accelerated fixed-point iteration.
+                max_iters: int, anderson: int, what: str,
+                batch_dim: int = 0) -> tuple[torch.Tensor, int]:
+    """Solve ``x = G(x)`` by fixed-point iteration with per-sample Anderson acceleration.
 
     ``G`` receives detached iterates. Returns ``(g, iters)``: ``g = G(x)`` as ``G`` returned it
     (possibly with a graph) for the first iterate ``x`` passing the test
-    ``max|g - x| <= tol * (1 + max|g|)``, and the number of evaluations of ``G``.
+    ``max|g - x| <= tol * (1 + max|g|)`` (over the whole tensor), and the number of evaluations
+    of ``G``. Anderson mixing is done separately for each index along ``batch_dim`` (each sample
+    of a batch gets its own ``anderson`` secant directions, as in deep-equilibrium solvers): a
+    batch holds many independent systems, each with its own few stiff directions.
     Raises SolverFailure after ``max_iters`` evaluations or on a non-finite iterate.
     """
     x = x0.detach()
-    gs: list[torch.Tensor] = []  # flattened G(x_k), newest last (at most anderson + 1)
-    fs: list[torch.Tensor] = []  # flattened residuals G(x_k) - x_k
+    b = x.shape[batch_dim] if x.dim() else 1
+
+    def rows(v: torch.Tensor) -> torch.Tensor:  # (B, D) view, float64 for the small solves
+        return (v.movedim(batch_dim, 0) if v.dim() else v).reshape(b, -1).double()
+
+    moved_shape = (x.movedim(batch_dim, 0) if x.dim() else x).shape
+    gs: list[torch.Tensor] = []  # G(x_k) as (B, D), newest last (at most anderson + 1)
+    fs: list[torch.Tensor] = []  # residuals G(x_k) - x_k as (B, D)
     for k in range(1, max_iters + 1):
         g = G(x)
         gd = g.detach()
@@ -152,22 +162,23 @@ def fixed_point(G: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, tol
         if anderson == 0:
             x = gd
             continue
-        gs.append(gd.reshape(-1))
-        fs.append(f.reshape(-1))
+        gs.append(rows(gd))
+        fs.append(rows(f))
         if len(fs) > anderson + 1:
             gs.pop(0)
             fs.pop(0)
         if len(fs) == 1:
             x = gd
             continue
-        dF = torch.stack([b - a for a, b in itertools.pairwise(fs)], dim=1)  # (D, m)
-        dG = torch.stack([b - a for a, b in itertools.pairwise(gs)], dim=1)
-        A = (dF.T @ dF).double()
-        rhs = (dF.T @ fs[-1]).double()
-        A = A + (1e-10 * A.diagonal().max() + 1e-300) * torch.eye(A.shape[0], dtype=A.dtype,
-                                                                    device=A.device)
-        gamma = torch.linalg.solve(A, rhs).to(dF.dtype)
-        x = (gs[-1] - dG @ gamma).view_as(x0)
+        dF = torch.stack([q - p for p, q in itertools.pairwise(fs)], dim=2)  # (B, D, m)
+        dG = torch.stack([q - p for p, q in itertools.pairwise(gs)], dim=2)
+        A = dF.transpose(1, 2) @ dF  # (B, m, m)
+        rhs = dF.transpose(1, 2) @ fs[-1].unsqueeze(2)  # (B, m, 1)
+        reg = 1e-10 * A.diagonal(dim1=1, dim2=2).amax(dim=1) + 1e-300
+        A = A + reg[:, None, None] * torch.eye(A.shape[1], dtype=A.dtype, device=A.device)
+        gamma = torch.linalg.solve(A, rhs)
+        mixed = (gs[-1] - (dG @ gamma).squeeze(2)).to(x.dtype).reshape(moved_shape)
+        x = mixed.movedim(0, batch_dim) if x.dim() else mixed
     raise SolverFailure(f"{what}: fixed-point iteration did not converge in {max_iters} "
                         f"iterations (residual {float(err):.3g} > tol {tol:g} x {float(scale):.3g};"
                         f" try a smaller step_size, a larger max_iters, or anderson > 0)")
@@ -325,7 +336,7 @@ class _AdjointSolve(torch.autograd.Function):
                     return z_ + ds_ * incr
 
                 z1, iters = fixed_point(G, z, tol, max_iters, anderson,
-                                           f"{scheme.name} adjoint step at t={s0:.4g}")
+                                        f"{scheme.name} adjoint step at t={s0:.4g}", batch_dim=1)
                 STATS.add("backward", iters)
                 # dL/dtheta += -ds * [theta a f_theta(converged point) + (1 - theta) a f_theta(s0)]
                 for gi, d in zip(g, param_vjp(kept)):

@@ -1,0 +1,196 @@
+"""`make reproduce-shapes`: seed 004 (Ul Ala 2021), a Neural ODE shapes classifier trained with
+explicit Euler, implicit Euler and the seed's Crank-Nicolson (implicit midpoint) step.
+
+Four studies (seed sections 3.1, 3.2, 3.3 and appendix 6.1), each with the three solvers, Adam
+(lr 1e-3), 5 epochs, training batches of 120 and test batches of 300, adjoint gradients:
+
+  single    shapes (3 classes), 2700 training images, step 0.05
+  compound  compound shapes (7 classes), 2700 training images, step 0.05
+  small500  compound shapes, 500 training images, step 0.01
+  small1350 compound shapes, 1350 training images, step 0.025
+
+(The seed does not say which set its sections 3.3/6.1 use; section 3 says the compound set "was
+reduced to be trained by 500 images ... as well as with 1350", so both use the compound set.)
+Every run is one ``nodebench.train.run`` with a composed config, so each writes the standard run
+directory (summary.json, metrics.csv, events); the driver adds ``implicit_stats.json`` (the
+fixed-point iterations from :data:`nodebench.implicit.STATS`). The report writes, per study, the
+seed's table layout (test accuracy by epoch) with the seed's numbers beside ours, seconds per
+epoch, NFE per batch and iterations per step, plus accuracy-by-epoch curves.
+
+Profiles: ``cpu`` (default; about 35 min on 2 CPU cores, shrunk as its description says),
+``paper`` (the seed's sizes: for a GPU or a long CPU run), ``tiny`` (CI, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+SOLVERS = ("euler", "implicit_euler", "crank_nicolson")
+SOLVER_TITLES = {"euler": "Explicit Euler", "implicit_euler": "Implicit Euler",
+                 "crank_nicolson": "Crank-Nicolson (implicit midpoint)"}
+
+# (dataset, training images, step) of each study; sizes of the seed, shrunk by the profile.
+STUDIES = {
+    "single": {"dataset": "shapes", "train_size": 2700, "step": 0.05,
+               "title": "Single shapes (seed 004, section 3.1.1)"},
+    "compound": {"dataset": "shapes_compound", "train_size": 2700, "step": 0.05,
+                 "title": "Compound shapes (seed 004, section 3.2.1)"},
+    "small500": {"dataset": "shapes_compound", "train_size": 500, "step": 0.01,
+                 "title": "500 training images, step 0.01 (seed 004, section 3.3)"},
+    "small1350": {"dataset": "shapes_compound", "train_size": 1350, "step": 0.025,
+                  "title": "1350 training images, step 0.025 (seed 004, appendix 6.1)"},
+}
+
+# Seed 004's tables: test accuracy (%) by epoch 1..5, and seconds per training epoch (Colab).
+SEED_ACCURACY = {
+    "single": {"euler": [43.483, 83.883, 96.617, 99.633, 99.633],
+               "implicit_euler": [66.150, 95.067, 100.000, 100.000, 100.000],
+               "crank_nicolson": [65.933, 90.717, 94.283, 94.067, 91.650]},
+    "compound": {"euler": [61.617, 97.550, 98.917, 99.950, 94.567],
+                 "implicit_euler": [60.217, 77.917, 96.033, 97.450, 99.417],
+                 "crank_nicolson": [62.333, 94.283, 98.117, 99.800, 97.500]},
+    "small500": {"euler": [33.533, 32.850, 32.883, 62.400, 63.717],
+                 "implicit_euler": [33.600, 33.600, 42.067, 34.933, 43.633],
+                 "crank_nicolson": [33.400, 43.717, 33.400, 70.533, 91.383]},
+    "small1350": {"euler": [33.700, 61.283, 66.033, 97.900, 93.367],
+                  "implicit_euler": [51.367, 58.667, 58.417, 96.083, 99.883],
+                  "crank_nicolson": [32.917, 32.917, 58.100, 49.700, 90.417]},
+}
+SEED_EPOCH_S = {"single": {"euler": 61, "implicit_euler": 71, "crank_nicolson": 74},
+                "compound": {"euler": 61, "implicit_euler": 66, "crank_nicolson": 66},
+                "small500": {"euler": 93, "implicit_euler": 81, "crank_nicolson": 81},
+                "small1350": {}}
+
+PROFILES: dict[str, dict] = {
+    "cpu": {
+        "description": "CPU budget: the seed's training sizes, steps, batches and 5 epochs, but "
+                       "28x28 images, ODE width 16 (not 64), 1200 test images (not 6000), "
+                       "implicit tolerance 1e-3; one thread per run, 2 runs in parallel",
+        "common": ["model.width=16", "dataset.test_size=1200", "dataset.shape.size=28",
+                   "trainer.threads=1"],
+        "implicit": ["solver.options.tol=1e-3"],
+        "scale_train": 1.0,
+        "jobs": 2,
+    },
+    "paper": {
+        "description": "the seed's setup: 28x28 images, ODE width 64, 2700/1350/500 training "
+                       "and 6000 test images, implicit tolerance 1e-4",
+        "common": ["model.width=64", "dataset.test_size=6000", "dataset.shape.size=28"],
+        "implicit": [],
+        "scale_train": 1.0,
+        "jobs": 1,
+    },
+    "tiny": {
+        "description": "CI smoke budget: 28x28 images, width 16, 1 epoch of 2 batches of 24, "
+                       "60 test images",
+        "common": ["model.width=16", "dataset.test_size=60", "dataset.shape.size=28",
+                   "trainer.epochs=1", "trainer.max_batches=2", "trainer.batch_size=24",
+                   "trainer.eval_batch_size=30", "trainer.threads=1"],
+        "implicit": ["solver.options.tol=1e-3"],
+        "scale_train": 0.1,
+        "jobs": 1,
+    },
+}
+
+BASE = ["model=shapes_odenet", "optim=adam", "trainer.epochs=5", "trainer.batch_size=120",
+        "trainer.eval_batch_size=300", "trainer.progress=false", "trainer.save_model=false",
+        "trainer.instruments.memory=false", "seed=0"]
+
+
+def job_overrides(profile: dict, study: str, solver: str, experiment: str) -> list[str]:
+    """The Hydra overrides of one run (later ones win)."""
+    s = STUDIES[study]
+    train = max(24, round(s["train_size"] * profile["scale_train"]))
+    out = [*BASE, f"dataset={s['dataset']}", f"dataset.train_size={train}", f"solver={solver}",
+           f"solver.step_size={s['step']}", f"experiment={experiment}", *profile["common"]]
+    if solver != "euler":
+        out += profile["implicit"]
+    return out
+
+
+def _run_one(args: tuple[list[str], str]) -> dict:
+    """Worker: train one configuration into ``run_dir``; returns its summary (+ iterations)."""
+    overrides, run_dir = args
+    import torch
+
+    torch.set_num_threads(1)
+    from .. import implicit
+    from ..config import compose
+    from ..train import run
+
+    cfg = compose(overrides)
+    implicit.STATS.take()
+    started = time.perf_counter()
+    summary = run(cfg, Path(run_dir))
+    stats = implicit.STATS.take()
+    stats["wall_s"] = time.perf_counter() - started
+    (Path(run_dir) / "implicit_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"[shapes] {Path(run_dir).name}: {summary['status']}, test error "
+          f"{summary.get('test_error')}, {stats['wall_s']:.0f} s", flush=True)
+    return summary
+
+
+def stage_train(profile: dict, runs: Path, experiment: str, studies: list[str]) -> None:
+    """All runs; the costliest first so that parallel workers finish together."""
+    if runs.exists():
+        print(f"[shapes] removing previous runs in {runs}")
+        shutil.rmtree(runs)
+    cost = {"euler": 1, "implicit_euler": 5, "crank_nicolson": 4}
+    jobs = [(study, solver) for study in studies for solver in SOLVERS]
+    jobs.sort(key=lambda j: -cost[j[1]] * STUDIES[j[0]]["train_size"] / STUDIES[j[0]]["step"] ** 0.6)
+    work = [(job_overrides(profile, st, so, experiment), str(runs / f"{st}_{so}"))
+            for st, so in jobs]
+    if profile["jobs"] == 1:
+        for item in work:
+            _run_one(item)
+        return
+    with ProcessPoolExecutor(profile["jobs"], mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(_run_one, work))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nodebench.experiments.shapes",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    p.add_argument("--stages", default="train,report")
+    p.add_argument("--studies", default=",".join(STUDIES))
+    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: profile's)")
+    p.add_argument("--runs", default=None, help="run folder (default runs/shapes-<profile>)")
+    p.add_argument("--results", default=None,
+                   help="results folder (default results/shapes for cpu, results/shapes-<profile>)")
+    a = p.parse_args(argv)
+    profile = dict(PROFILES[a.profile])
+    if a.jobs:
+        profile["jobs"] = a.jobs
+    experiment = f"shapes-{a.profile}"
+    runs = Path(a.runs or f"runs/{experiment}")
+    results = Path(a.results or ("results/shapes" if a.profile == "cpu"
+                                 else f"results/{experiment}"))
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    studies = [s.strip() for s in a.studies.split(",") if s.strip()]
+    bad = (set(stages) - {"train", "report"}) | (set(studies) - set(STUDIES))
+    if bad:
+        print(f"error: unknown stage(s)/study(ies) {', '.join(sorted(bad))}", file=sys.stderr)
+        return 2
+    started = time.time()
+    if "train" in stages:
+        stage_train(profile, runs, experiment, studies)
+    if "report" in stages:
+        from .shapes_report import report_shapes
+
+        results.mkdir(parents=True, exist_ok=True)
+        report_shapes(runs, results, studies, profile=a.profile,
+                      description=profile["description"], wall_s=time.time() - started)
+    print(f"[shapes] done in {time.time() - started:.0f} s; results in {results}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

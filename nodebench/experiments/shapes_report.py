@@ -1,0 +1,161 @@
+"""Tables and figures of the seed-004 shapes study, built only from the run directories.
+
+For each study: ``<study>.md`` (the seed's layout: test accuracy by epoch per solver, ours beside
+the seed's, then seconds per training epoch, NFE per batch, fixed-point iterations per step),
+rows in ``shapes.csv``, and ``accuracy_by_epoch.png`` (all studies; ours solid, seed dashed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .shapes import SEED_ACCURACY, SEED_EPOCH_S, SOLVER_TITLES, SOLVERS, STUDIES
+
+
+def _load(run_dir: Path) -> dict | None:
+    if not (run_dir / "summary.json").exists():
+        return None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = []
+    if (run_dir / "metrics.csv").exists():
+        with open(run_dir / "metrics.csv") as fh:
+            rows = list(csv.DictReader(fh))
+    stats_file = run_dir / "implicit_stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    return {"summary": summary, "rows": rows, "stats": stats}
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _iters(stats: dict, phase: str) -> float | None:
+    steps = stats.get(f"{phase}_steps", 0)
+    return stats[f"{phase}_iters"] / steps if steps else None
+
+
+def study_table(study: str, runs: dict[str, dict | None]) -> str:
+    """Markdown table in the seed's layout (epochs down, solvers across), ours | seed."""
+    head = "| epoch | " + " | ".join(f"{SOLVER_TITLES[s]} (ours) | (seed)" for s in SOLVERS) + " |"
+    sep = "| --- |" + " --- | --- |" * len(SOLVERS)
+    lines = [head, sep]
+    n_epochs = max([len(r["rows"]) for r in runs.values() if r] + [5])
+    for e in range(n_epochs):
+        cells = []
+        for s in SOLVERS:
+            r = runs.get(s)
+            ours = (100.0 - float(r["rows"][e]["test_error"])) if r and e < len(r["rows"]) else None
+            seed = SEED_ACCURACY[study][s][e] if e < 5 else None
+            cells += [_fmt(ours, ".3f") + ("%" if ours is not None else ""),
+                      _fmt(seed, ".3f") + ("%" if seed is not None else "")]
+        lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+
+    def extra(label: str, ours_of, seed_of=lambda s: None) -> None:
+        cells = []
+        for s in SOLVERS:
+            r = runs.get(s)
+            cells += [ours_of(r) if r else "-", seed_of(s) or "-"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    extra("train s/epoch", lambda r: _fmt(r["summary"].get("epoch_time_s"), ".1f"),
+          lambda s: _fmt(SEED_EPOCH_S[study].get(s), "d") if s in SEED_EPOCH_S[study] else None)
+    extra("NFE/batch fwd", lambda r: _fmt(r["summary"].get("nfe_forward"), ".1f"))
+    extra("NFE/batch bwd", lambda r: _fmt(r["summary"].get("nfe_backward"), ".1f"))
+    extra("iters/step fwd", lambda r: _fmt(_iters(r["stats"], "forward"), ".2f"))
+    extra("iters/step bwd", lambda r: _fmt(_iters(r["stats"], "backward"), ".2f"))
+    extra("status", lambda r: r["summary"]["status"] + (f" ({r['summary']['error']})"
+                                                        if r["summary"].get("error") else ""))
+    return "\n".join(lines)
+
+
+def report_shapes(runs_dir: Path, results: Path, studies: list[str], profile: str,
+                  description: str, wall_s: float) -> None:
+    """Write the per-study tables, shapes.csv, the figure and README.md into ``results``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loaded = {st: {s: _load(runs_dir / f"{st}_{s}") for s in SOLVERS} for st in studies}
+    any_run = next((r for st in loaded.values() for r in st.values() if r), None)
+    device = any_run["summary"]["device"] if any_run else "-"
+    total_wall = sum(json.loads((runs_dir / f"{st}_{s}" / "implicit_stats.json").read_text())
+                     ["wall_s"] for st in studies for s in SOLVERS
+                     if (runs_dir / f"{st}_{s}" / "implicit_stats.json").exists())
+    budget = (f"Profile `{profile}`: {description}. Adam lr 1e-3, batches 120 (train) / 300 "
+              f"(test), adjoint gradients, seed 0, 1 repeat. Device: {device}. Sum of run wall "
+              f"times {total_wall / 60:.1f} min; this driver call {wall_s / 60:.1f} min.")
+    csv_rows = []
+    sections = []
+    for st in studies:
+        runs = loaded[st]
+        cfg = next((r["summary"]["config"] for r in runs.values() if r), None)
+        sizes = (f"{cfg['dataset']['name']}, {cfg['dataset']['train_size']} training / "
+                 f"{cfg['dataset']['test_size']} test images of {cfg['dataset']['shape']['size']}"
+                 f"x{cfg['dataset']['shape']['size']}, step {cfg['solver']['step_size']}, "
+                 f"{cfg['trainer']['epochs']} epochs" if cfg else "no runs")
+        table = study_table(st, runs)
+        text = (f"## {STUDIES[st]['title']}\n\nTest accuracy by epoch, ours (measured) beside the "
+                f"seed's (copied from seed 004). {sizes}. {budget}\n\n{table}\n")
+        (results / f"{st}.md").write_text(text)
+        sections.append(text)
+        for s in SOLVERS:
+            r = runs.get(s)
+            for e, row in enumerate(r["rows"] if r else []):
+                csv_rows.append({"study": st, "solver": s, "epoch": e + 1,
+                                 "test_accuracy": 100.0 - float(row["test_error"]),
+                                 "seed_accuracy": SEED_ACCURACY[st][s][e] if e < 5 else "",
+                                 "train_epoch_s": row["epoch_time_s"],
+                                 "nfe_forward": row["nfe_forward"],
+                                 "nfe_backward": row["nfe_backward"], "nfe_eval": row["nfe_eval"],
+                                 "status": r["summary"]["status"]})
+    with open(results / "shapes.csv", "w", newline="") as fh:
+        fields = ["study", "solver", "epoch", "test_accuracy", "seed_accuracy", "train_epoch_s",
+                  "nfe_forward", "nfe_backward", "nfe_eval", "status"]
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(csv_rows)
+
+    fig, axes = plt.subplots(1, len(studies), figsize=(4.2 * len(studies), 3.6), squeeze=False)
+    colors = {"euler": "tab:blue", "implicit_euler": "tab:orange", "crank_nicolson": "tab:green"}
+    for ax, st in zip(axes[0], studies):
+        for s in SOLVERS:
+            r = loaded[st].get(s)
+            if r and r["rows"]:
+                acc = [100.0 - float(row["test_error"]) for row in r["rows"]]
+                ax.plot(range(1, len(acc) + 1), acc, "o-", color=colors[s],
+                        label=f"{SOLVER_TITLES[s]} (ours)")
+            ax.plot(range(1, 6), SEED_ACCURACY[st][s], "x--", color=colors[s], alpha=0.6,
+                    label=f"{SOLVER_TITLES[s]} (seed)")
+        ax.set_title(STUDIES[st]["title"].split(" (")[0], fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"Seed 004 shapes study, profile {profile}: ours solid, seed dashed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(results / "accuracy_by_epoch.png", dpi=120)
+    plt.close(fig)
+
+    readme = (
+        "# Seed 004: Neural ODE shapes classification with explicit Euler, implicit Euler and "
+        "Crank-Nicolson (implicit midpoint)\n\n"
+        f"Made by `make reproduce-shapes PROFILE={profile}` (`python -m "
+        f"nodebench.experiments.shapes --profile {profile}`): one `nodebench.train.run` per "
+        "study and solver, run directories under `runs/shapes-<profile>/<study>_<solver>/` "
+        "(summary.json, metrics.csv, TensorBoard events, implicit_stats.json); every number "
+        "below is read from those files. Seed columns are copied from seed 004's tables "
+        "(Colab, width-64 Honchar model; image size not stated there) and are not measured "
+        "here.\n\n"
+        f"{budget}\n\n"
+        "Accuracy = 100 - test error after each epoch. `train s/epoch` is the training time of "
+        "an epoch (evaluation excluded, as the seed's \"training time per epoch\"). NFE are "
+        "calls of the dynamics per training batch, counted by forward pre-hooks (backward = "
+        "the adjoint solve). Iterations per step are the fixed-point (Anderson) iterations of "
+        "the implicit solvers over the whole run, forward and backward (the adjoint solve).\n\n"
+        "Files: one `<study>.md` per table, `shapes.csv` (all epochs), "
+        "`accuracy_by_epoch.png`.\n\n" + "\n".join(sections))
+    (results / "README.md").write_text(readme)
