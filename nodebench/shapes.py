@@ -99,8 +99,13 @@ def _check(train_size: int, test_size: int, image_size: int) -> None:
         raise ConfigError(f"dataset.shape.size must be at least 12 pixels, got {image_size}")
 
 
+def _labels(rng: np.random.Generator, classes: int, n: int) -> np.ndarray:
+    """Uniform labels from their own stream, so that the first k images do not depend on n."""
+    return np.random.default_rng(rng.integers(2 ** 62)).integers(0, classes, n)
+
+
 def _single_split(n: int, size: int, rng: np.random.Generator):
-    y = rng.integers(0, len(SINGLE_CLASSES), n)
+    y = _labels(rng, len(SINGLE_CLASSES), n)
     x = _render([(SINGLE_CLASSES[k],) for k in y], size, (0.2, 0.4), rng)
     return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
@@ -112,7 +117,7 @@ def _compound_split(n: int, size: int, rng: np.random.Generator):
         by_label[SHAPE_CODE[a]] = (a,)
         for b in names[i + 1:]:
             by_label[SHAPE_CODE[a] + SHAPE_CODE[b] + 1] = (a, b)
-    y = rng.integers(0, len(COMPOUND_CLASSES), n)
+    y = _labels(rng, len(COMPOUND_CLASSES), n)
     x = _render([by_label[int(k)] for k in y], size, (0.14, 0.24), rng)
     return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
