@@ -24,15 +24,18 @@ numerical analysis calls Crank-Nicolson). Both are A-stable and of order 2; they
 nonlinear ``f`` and in their NFE (the trapezoid needs ``f(t0, y0)`` too).
 
 **The nonlinear step equation** ``y = G(y)`` is solved by fixed-point (Picard) iteration with
-Anderson acceleration (type II, Walker & Ni 2011; ``anderson`` = memory ``m``, 0 = plain Picard).
+Anderson acceleration (type II, Walker & Ni 2011; ``anderson`` = memory ``m``, 0 = plain Picard),
+mixed separately for each sample of the batch (dim 0 of the state).
 Why not Newton-Krylov: every Newton-Krylov iteration needs Jacobian-vector products of a
 convolutional ``f`` (a double backward per Krylov vector), while a fixed-point iteration costs one
 ``f`` evaluation and nothing else. Plain Picard converges when ``h * theta * c * Lip(f) < 1``, which
-holds for the small steps of the seed's study (h = 0.05 on normalised conv dynamics: 2-6
-iterations per step). When it does not hold (stiff ``f``, e.g. ``y' = -50 y`` with ``h = 0.1``,
+holds for most steps of the seed's study (h = 0.05 on normalised conv dynamics, Lip about 3-7:
+measured 3-4 iterations per step at tol 1e-3). When it does not hold (stiff ``f``, e.g. ``y' = -50 y`` with ``h = 0.1``,
 where ``h * Lip = 5``) Picard diverges; Anderson acceleration, which on a linear problem is
 equivalent to GMRES (Walker & Ni 2011, Thm 2.2), still converges, in a few iterations when the
-stiffness sits in a few directions. If the iterates do not meet the tolerance within
+stiffness sits in a few directions per sample. It does not rescue every case: GroupNorm
+dynamics on an exactly constant image (Lip about 100-150, see nodebench/shapes.py) stall it.
+If the iterates do not meet the tolerance within
 ``max_iters`` evaluations (or turn non-finite), :class:`~nodebench.errors.SolverFailure` is raised
 and the trainer records the run as failed.
 
@@ -42,7 +45,9 @@ guess of a step is the linear extrapolation of the previous step (free); ``y0`` 
 **NFE.** Every evaluation of ``f`` is a call of the dynamics module, so
 :class:`~nodebench.instruments.NFECounter` counts it. Per step: the iterations (each one ``f``
 evaluation; the iterate that passes the test is the step's result, so no extra evaluation), plus
-1 for ``f(t0, y0)`` when ``theta < 1`` (trapezoid). The adjoint's backward solve has the same
+1 for ``f(t0, y0)`` when ``theta < 1`` (trapezoid; it is re-evaluated each step rather than
+reused from the previous one, because with direct gradients its graph must start at ``y0``).
+The adjoint's backward solve has the same
 structure on the augmented state ``(y, a)``.
 
 **Iterations** are observable from outside the model through the module-level :data:`STATS`
