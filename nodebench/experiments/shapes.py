@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="train,report")
     p.add_argument("--studies", default=",".join(STUDIES))
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: profile's)")
+    p.add_argument("--note", default="", help="a sentence for the tables' budget line "
+                   "(e.g. what else ran on the machine)")
     p.add_argument("--runs", default=None, help="run folder (default runs/shapes-<profile>)")
     p.add_argument("--results", default=None,
                    help="results folder (default results/shapes for cpu, results/shapes-<profile>)")
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
         results.mkdir(parents=True, exist_ok=True)
         report_shapes(runs, results, studies, profile=a.profile,
-                      description=profile["description"], wall_s=time.time() - started)
+                      description=profile["description"] + (f"; {a.note}" if a.note else ""),
+                      wall_s=time.time() - started)
     print(f"[shapes] done in {time.time() - started:.0f} s; results in {results}/")
     return 0
 
