@@ -220,6 +220,12 @@ SEED_CELLS = {"node": "does not change the trajectory", "ctrnn": "does not chang
               "ltc": "complex patterns; length grows (exponentially) with k"}
 
 
+def _scalings(frame) -> list[str]:
+    """The weight scalings present, the seed's literal one first."""
+    present = set(frame["scaling"])
+    return [s for s in ("none", "fan_in") if s in present]
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
@@ -233,6 +239,12 @@ def _summary(draws, keys: list[str]):
         lambda d: float(((d["length_half_sampling"] - d["length"]).abs() / d["length"]).max()),
         include_groups=False).values
     out["nfe"] = g["nfe"].max().values
+    for column, name in (("length_tol_x10", "tol_x10_rel_change"),
+                         ("length_half_step", "half_step_rel_change")):
+        if column in ok:
+            out[name] = g.apply(
+                lambda d, c=column: float(((d[c] - d["length"]).abs() / d["length"]).max()),
+                include_groups=False).values
     return out
 
 
@@ -255,11 +267,12 @@ def _depth_tables(depth, meta: dict) -> tuple[str, str, object]:
     summ = _summary(depth, ["scaling", "model", "activation", "layer"])
     failed = depth[depth["status"] != "ok"]
     md, claims = [], []
-    for scaling in summ["scaling"].unique():
+    for scaling in _scalings(summ):
         s = summ[summ["scaling"] == scaling]
         layers = sorted(s["layer"].unique())
         head = ["model", "activation"] + ["input" if l == 0 else f"L{l}" for l in layers] + \
-               [f"growth / layer (fit L1-L{layers[-1]})", "NFE", "seed (qualitative)"]
+               [f"growth / layer (fit L1-L{layers[-1]})", "NFE", "check: sampling / tol",
+                "seed (qualitative)"]
         md.append(f"\n#### Weights: {SCALING_TEXT[scaling]}\n")
         md.append("| " + " | ".join(head) + " |")
         md.append("|" + " --- |" * len(head))
@@ -274,14 +287,19 @@ def _depth_tables(depth, meta: dict) -> tuple[str, str, object]:
                     cells = [_pm(r["mean"].iloc[0], r["std"].iloc[0])] + \
                             [why.iloc[0] if len(why) else "failed"] + [""] * (len(layers) - 2)
                     md.append(f"| {MODEL_NAMES[model]} | {act} | " + " | ".join(cells)
-                              + f" | - | - | {SEED_DEPTH[model]} |")
+                              + f" | - | - | - | {SEED_DEPTH[model]} |")
                     continue
                 means = r["mean"].tolist()
                 factor, r2 = _growth(means[1:])
                 nfe = "-" if model == "ffn" else str(int(r["nfe"].max()))
+                deep = r[r["layer"] > 0]
+                check = f"{deep['half_sampling_rel_change'].max():.2g}"
+                check += " / -" if model == "ffn" else \
+                    f" / {deep['tol_x10_rel_change'].max():.2g}"
                 md.append(f"| {MODEL_NAMES[model]} | {act} | "
                           + " | ".join(_pm(m, sd) for m, sd in zip(r["mean"], r["std"]))
-                          + f" | x{factor:.3g} (R² {r2:.2f}) | {nfe} | {SEED_DEPTH[model]} |")
+                          + f" | x{factor:.3g} (R² {r2:.2f}) | {nfe} | {check} | "
+                            f"{SEED_DEPTH[model]} |")
                 ratio = means[-1] / means[0]
                 if model == "ffn":
                     verdict = ("grows exponentially" if factor > 1.05 and r2 > 0.9 else
@@ -300,18 +318,14 @@ def _depth_tables(depth, meta: dict) -> tuple[str, str, object]:
 
 def _cell_tables(cells) -> tuple[str, str, object]:
     summ = _summary(cells, ["scaling", "model", "activation", "width"])
-    g = cells.groupby(["scaling", "model", "activation", "width"])
-    summ["half_step_rel_change"] = g.apply(
-        lambda d: float(((d["length_half_step"] - d["length"]).abs() / d["length"]).max()),
-        include_groups=False).values
     md, claims = [], []
     two_pi = 2 * 3.141592653589793
-    for scaling in summ["scaling"].unique():
+    for scaling in _scalings(summ):
         s = summ[summ["scaling"] == scaling]
         widths = sorted(s["width"].unique())
         head = ["model", "activation"] + [f"k={k}" for k in widths] + \
                [f"k={widths[-1]} / k={widths[0]}", f"2-PC variance share (k={widths[-1]})",
-                "seed (qualitative)"]
+                "check: sampling / half step", "seed (qualitative)"]
         md.append(f"\n#### Weights: {SCALING_TEXT[scaling]}\n")
         md.append("| " + " | ".join(head) + " |")
         md.append("|" + " --- |" * len(head))
@@ -323,7 +337,8 @@ def _cell_tables(cells) -> tuple[str, str, object]:
                 md.append(f"| {MODEL_NAMES[model]} | {act} | "
                           + " | ".join(_pm(m, sd) for m, sd in zip(r["mean"], r["std"]))
                           + f" | {ratio:.3g} | {r['pc2_variance'].iloc[-1]:.3f} | "
-                            f"{SEED_CELLS[model]} |")
+                            f"{r['half_sampling_rel_change'].max():.2g} / "
+                            f"{r['half_step_rel_change'].max():.2g} | {SEED_CELLS[model]} |")
         for act in [a for a in ACT_ORDER if a in set(s["activation"])]:
             by = {m: s[(s["model"] == m) & (s["activation"] == act)].sort_values("width")
                   for m in CELLS}
@@ -358,7 +373,7 @@ def _figures(runs: Path, results: Path, depth_summ, cell_summ) -> list[str]:
     made = []
     if depth_summ is not None:
         proj = torch.load(runs / "depth_projections.pt")
-        for scaling in depth_summ["scaling"].unique():
+        for scaling in _scalings(depth_summ):
             keys = [k for k in proj if k[0] == scaling]
             fig, axes = plt.subplots(len(keys), len(proj[keys[0]]),
                                      figsize=(1.6 * len(proj[keys[0]]), 1.7 * len(keys)),
@@ -376,7 +391,7 @@ def _figures(runs: Path, results: Path, depth_summ, cell_summ) -> list[str]:
             fig.savefig(results / name, dpi=110)
             plt.close(fig)
             made.append(name)
-        scalings = list(depth_summ["scaling"].unique())
+        scalings = _scalings(depth_summ)
         fig, axes = plt.subplots(1, len(scalings), figsize=(5 * len(scalings), 3.6), squeeze=False)
         for ax, scaling in zip(axes[0], scalings):
             s = depth_summ[depth_summ["scaling"] == scaling]
@@ -396,7 +411,7 @@ def _figures(runs: Path, results: Path, depth_summ, cell_summ) -> list[str]:
         made.append("depth_length.png")
     if cell_summ is not None:
         proj = torch.load(runs / "cells_projections.pt")
-        for scaling in cell_summ["scaling"].unique():
+        for scaling in _scalings(cell_summ):
             acts = [a for a in ACT_ORDER if a in set(cell_summ["activation"])]
             widths = sorted(cell_summ["width"].unique())
             fig, axes = plt.subplots(len(CELLS) * len(acts), len(widths),
@@ -410,14 +425,14 @@ def _figures(runs: Path, results: Path, depth_summ, cell_summ) -> list[str]:
                         _plot_projection(axes[row, col], p, length, f"k={k}: ")
                     axes[row, 0].set_ylabel(f"{MODEL_NAMES[model]}\n{act}", fontsize=8)
                     row += 1
-            fig.suptitle(f"cells: h(t) on first 2 PCs (draw 0), length above; weights {scaling}",
+            fig.suptitle(f"cells: h(t) on first 2 PCs (draw 0),\nlength above; weights {scaling}",
                          fontsize=9)
             fig.tight_layout()
             name = f"cells_projections_{scaling}.png"
             fig.savefig(results / name, dpi=110)
             plt.close(fig)
             made.append(name)
-        scalings = list(cell_summ["scaling"].unique())
+        scalings = _scalings(cell_summ)
         acts = [a for a in ACT_ORDER if a in set(cell_summ["activation"])]
         fig, axes = plt.subplots(len(scalings), len(acts), figsize=(3.6 * len(acts),
                                  3.0 * len(scalings)), squeeze=False)
@@ -492,7 +507,7 @@ def report(runs: Path, results: Path) -> None:
                           f"at half the step): largest relative change "
                           f"{cell_summ['half_step_rel_change'].max():.3g}")
         (results / f"{stage}_lengths.md").write_text(title + md + "\n")
-        parts.append(title + md)
+        parts.append(title + md + "\n")
         claims.append(text)
     figures = _figures(runs, results, depth_summ, cell_summ)
     readme = [
@@ -512,7 +527,10 @@ def report(runs: Path, results: Path) -> None:
         "Budget:",
         *budget,
         "",
-        "Checks:",
+        ("Checks (largest relative change of a length; per row in the tables' check column): "
+         "`sampling` = the same curve measured on every other sample (large = the polyline "
+         "under-resolves the curve: the length is a lower bound); `tol` = the Neural ODE solved "
+         "with 10x looser rtol/atol; `half step` = the cells solved with rk4 at half the step."),
         *checks,
         "",
         "## Claims of the seed vs what was measured",
