@@ -137,13 +137,16 @@ def _run_one(args: tuple[list[str], str]) -> dict:
     return summary
 
 
-def stage_train(profile: dict, runs: Path, experiment: str, studies: list[str]) -> None:
-    """All runs; the costliest first so that parallel workers finish together."""
-    if runs.exists():
-        print(f"[shapes] removing previous runs in {runs}")
-        shutil.rmtree(runs)
+def stage_train(profile: dict, runs: Path, experiment: str, studies: list[str],
+                solvers: list[str]) -> None:
+    """The runs of ``studies`` x ``solvers`` (each replaces its previous run directory); the
+    costliest first so that parallel workers finish together."""
     cost = {"euler": 1, "implicit_euler": 5, "crank_nicolson": 4}
-    jobs = [(study, solver) for study in studies for solver in SOLVERS]
+    jobs = [(study, solver) for study in studies for solver in solvers]
+    for st, so in jobs:
+        if (runs / f"{st}_{so}").exists():
+            print(f"[shapes] removing previous run {runs / f'{st}_{so}'}")
+            shutil.rmtree(runs / f"{st}_{so}")
     jobs.sort(key=lambda j: -cost[j[1]] * STUDIES[j[0]]["train_size"] / STUDIES[j[0]]["step"] ** 0.6)
     work = [(job_overrides(profile, st, so, experiment), str(runs / f"{st}_{so}"))
             for st, so in jobs]
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     p.add_argument("--stages", default="train,report")
     p.add_argument("--studies", default=",".join(STUDIES))
+    p.add_argument("--solvers", default=",".join(SOLVERS), help="train only these (the report "
+                   "always shows all three)")
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: profile's)")
     p.add_argument("--note", default="", help="a sentence for the tables' budget line "
                    "(e.g. what else ran on the machine)")
@@ -177,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                                  else f"results/{experiment}"))
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     studies = [s.strip() for s in a.studies.split(",") if s.strip()]
-    bad = (set(stages) - {"train", "report"}) | (set(studies) - set(STUDIES))
+    solvers = [s.strip() for s in a.solvers.split(",") if s.strip()]
+    bad = ((set(stages) - {"train", "report"}) | (set(studies) - set(STUDIES))
+           | (set(solvers) - set(SOLVERS)))
     if bad:
         print(f"error: unknown stage(s)/study(ies) {', '.join(sorted(bad))}", file=sys.stderr)
         return 2
     started = time.time()
     if "train" in stages:
-        stage_train(profile, runs, experiment, studies)
+        stage_train(profile, runs, experiment, studies, solvers)
     if "report" in stages:
         from .shapes_report import report_shapes
 
