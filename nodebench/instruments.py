@@ -87,7 +87,10 @@ class ActivationMeter:
             ptr = storage.data_ptr()
             if ptr not in params and ptr not in seen:
                 seen[ptr] = storage.nbytes()
-            return t
+            # Return a detached alias, not ``t``: when ``t`` is the output of the op that saves it
+            # (ReLU, exp, ...), keeping ``t`` itself makes a cycle output -> grad_fn -> output that
+            # refcounting never frees (measured: +23 MiB per RK-Net step at batch 32).
+            return t.detach()
 
         cuda = device.type == "cuda"
         if cuda:

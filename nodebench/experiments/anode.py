@@ -198,16 +198,20 @@ def _toy_job(args: tuple) -> dict:
     return s
 
 
-def stage_toys(profile: dict, runs: Path, jobs: int) -> None:
-    """Every task x model x repeat; repeats use seeds 0..R-1 (data sample and initialisation)."""
+def stage_toys(profile: dict, runs: Path, jobs: int, seeds: list[int] | None = None) -> None:
+    """Every task x model x repeat; repeats use seeds 0..R-1 (data sample and initialisation).
+
+    ``seeds``: only these repeats, keeping the other run folders (to spread one profile's
+    repeats over several processes); by default all, into a fresh folder.
+    """
     spec = profile["toys"]
     out = runs / "toys"
-    if out.exists():
+    if out.exists() and seeds is None:
         shutil.rmtree(out)
     work = [(task, model, seed, spec["epochs"], str(out / f"{task}_{model}_s{seed}"),
              spec["data"].get(task, {}))
-            for seed in range(spec["repeats"]) for task, t in spec["tasks"].items()
-            for model in t["models"]]
+            for seed in (seeds if seeds is not None else range(spec["repeats"]))
+            for task, t in spec["tasks"].items() for model in t["models"]]
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             list(pool.map(_toy_job, work))
@@ -255,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="toys,images,report")
     p.add_argument("--jobs", type=int, default=1, help="processes for the toy runs")
     p.add_argument("--runs", default=None, help="run folder (default runs/anode-<profile>)")
+    p.add_argument("--seeds", default=None,
+                   help="toy repeats to run, e.g. 2 or 0,1 (default: all; others are kept)")
+    p.add_argument("--note", default="",
+                   help="a sentence appended to every table header (e.g. a budget cut)")
     p.add_argument("--results", default=None,
                    help="results folder (default results/anode for cpu, results/anode-<profile>)")
     a = p.parse_args(argv)
@@ -269,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.time()
     if "toys" in stages:
-        stage_toys(profile, runs, a.jobs)
-        (runs / "toys" / "stage_time_s.txt").write_text(f"{time.time() - started:.0f}\n")
+        seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else None
+        stage_toys(profile, runs, a.jobs, seeds)
+        if seeds is None:
+            (runs / "toys" / "stage_time_s.txt").write_text(f"{time.time() - started:.0f}\n")
     if "images" in stages:
         t0 = time.time()
         stage_images(profile, runs, experiment)
@@ -278,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if "report" in stages:
         from .anode_report import report
 
-        report(runs, results, profile=a.profile, description=profile["description"])
+        description = profile["description"] + (f". {a.note}" if a.note else "")
+        report(runs, results, profile=a.profile, description=description)
     print(f"[reproduce] done in {time.time() - started:.0f} s; results in {results}/")
     return 0
 

@@ -1,0 +1,144 @@
+"""`make bench`: seconds per training iteration, nodebench vs a hand-written loop, and the cost
+of the instruments.
+
+For resnet, rknet and odenet at batch 128 (MNIST-shaped random data, so no files are needed):
+  plain     a hand-written PyTorch + torchdiffeq step (what a user would write): forward, cross
+            entropy, backward, SGD step; nothing else.
+  runner    nodebench's training step as the trainer runs it, instruments off (NFE phases and the
+            loss sync kept: they are part of the loop).
+  measured  the same with the NFE counters and the activation-memory meter on (every iteration).
+Targets (issue 3): runner within 3% of plain; measured within 3% of runner. A benchmark, not a
+test: it prints what it measures on the machine it runs on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torchdiffeq
+from torch import nn
+
+from . import config as C
+from .instruments import ActivationMeter, NFECounter
+from .models.blocks import ODEBlock
+
+
+def _plain_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _runner_step(model, opt, x, y, nfe, meter, instruments):
+    device = x.device
+    with nfe.phase_("forward"):
+        if instruments:
+            with meter.measure(device):
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+        else:
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+    value = loss.item()
+    opt.zero_grad(set_to_none=True)
+    with nfe.phase_("backward"):
+        loss.backward()
+    opt.step()
+    nfe.take("forward")
+    nfe.take("backward")
+    return value
+
+
+class PlainODEBlock(nn.Module):
+    """The ODE block as a user would write it: torchdiffeq called directly."""
+
+    def __init__(self, func, adjoint: bool):
+        super().__init__()
+        self.func, self.adjoint = func, adjoint
+        self.register_buffer("t", torch.tensor([0.0, 1.0]))
+
+    def forward(self, x):
+        solve = torchdiffeq.odeint_adjoint if self.adjoint else torchdiffeq.odeint
+        return solve(self.func, x, self.t, rtol=1e-3, atol=1e-3, method="dopri5")[-1]
+
+
+def _plain_model(model: nn.Module) -> nn.Module:
+    """The same weights, with every ODEBlock replaced by a direct torchdiffeq call."""
+    layers = []
+    for m in model.children():
+        if isinstance(m, ODEBlock):
+            layers.append(PlainODEBlock(m.func, m.gradient.mode == "adjoint"))
+        else:
+            layers.append(m)
+    return nn.Sequential(*layers)
+
+
+def _time(step, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench(models=("resnet", "rknet", "odenet"), batch: int = 128, iters: int = 5,
+          warmup: int = 1, rounds: int = 3) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for name in models:
+        cfg = C.compose([f"model={name}"])
+        torch.manual_seed(0)
+        model = C.build_model(cfg, 1, 28, 10).to(device)
+        plain = _plain_model(model).to(device)
+        x = torch.rand(batch, 1, 28, 28, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        nfe, meter = NFECounter(model), ActivationMeter(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # lr 0: NFE stays put
+        variants = {
+            "plain": lambda: _plain_step(plain, opt, x, y),
+            "runner": lambda: _runner_step(model, opt, x, y, nfe, meter, False),
+            "measured": lambda: _runner_step(model, opt, x, y, nfe, meter, True),
+        }
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(rounds):            # interleave the variants to share machine noise
+            for key, step in variants.items():
+                times[key] += _time(step, iters, warmup)
+        nfe.remove()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"model": name, **{f"{k}_s": v for k, v in med.items()},
+                     "runner_overhead_%": 100 * (med["runner"] / med["plain"] - 1),
+                     "instrument_overhead_%": 100 * (med["measured"] / med["runner"] - 1)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nodebench.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet", "rknet", "odenet"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args(argv)
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"cpu, {torch.get_num_threads()} threads"
+    print(f"nodebench bench: batch {a.batch}, median of {a.iters * a.rounds} iterations "
+          f"per variant, {device}")
+    print(f"{'model':8} {'plain s/it':>11} {'runner s/it':>12} {'measured s/it':>14} "
+          f"{'runner ovh':>11} {'instr. ovh':>11}")
+    for r in bench(a.models, a.batch, a.iters, rounds=a.rounds):
+        print(f"{r['model']:8} {r['plain_s']:11.4f} {r['runner_s']:12.4f} {r['measured_s']:14.4f} "
+              f"{r['runner_overhead_%']:10.1f}% {r['instrument_overhead_%']:10.1f}%")
+    print("targets: runner and instrument overheads each within 3%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The report step: comparison tables and figures built only from run directories.
+
+``collect(runs)`` reads every ``summary.json`` under the given folders into one row per run;
+``aggregate`` groups runs by configuration (model, solver, gradient, dataset, budget) and gives
+mean ± std over seeds with the count, failed runs counted and shown, never averaged in.
+``report_mnist`` adds Table 1's paper columns (Chen et al. 2018) beside the measured ones and the
+memory-scaling and Figure 3 outputs. The same run directories always give byte-identical tables:
+rows are sorted, floats printed with fixed precision, and no clock time is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+GROUP_KEYS = ["model", "solver_desc", "gradient", "dataset", "train_size", "epochs"]
+MEASURED = ["test_error", "best_test_error", "nfe_forward", "nfe_backward", "activation_mib",
+            "epoch_time_s", "iter_s"]
+
+# Chen et al. 2018, Table 1 (MNIST). Paper values, shown only in "paper" columns.
+PAPER_TABLE1 = {
+    "mlp": {"paper test error": "1.60%", "paper params": "0.24 M", "paper memory": "-",
+            "paper time": "-"},
+    "resnet": {"paper test error": "0.41%", "paper params": "0.60 M", "paper memory": "O(L)",
+               "paper time": "O(L)"},
+    "rknet": {"paper test error": "0.47%", "paper params": "0.22 M", "paper memory": "O(L~)",
+              "paper time": "O(L~)"},
+    "odenet": {"paper test error": "0.42%", "paper params": "0.22 M", "paper memory": "O(1)",
+               "paper time": "O(L~)"},
+}
+MODEL_ORDER = ["mlp", "resnet", "rknet", "odenet", "anode"]
+MODEL_LABEL = {"mlp": "1-layer MLP", "resnet": "ResNet", "rknet": "RK-Net", "odenet": "ODE-Net",
+               "anode": "ANODE"}
+
+
+def collect(runs: list[Path] | Path) -> pd.DataFrame:
+    """One row per run directory that has a summary.json (searched recursively)."""
+    folders = [Path(r) for r in (runs if isinstance(runs, (list, tuple)) else [runs])]
+    rows = []
+    for folder in folders:
+        for path in sorted(folder.rglob("summary.json")):
+            s = json.loads(path.read_text())
+            cfg = s.get("config") or {}
+            row = {k: s.get(k) for k in ["status", "error", "model", "solver", "solver_desc",
+                                          "gradient", "dataset", "seed", "params", "train_size",
+                                          "test_size", "device", "wall_time_s", "epochs_done",
+                                          "best_epoch", *MEASURED]}
+            row["epochs"] = (cfg.get("trainer") or {}).get("epochs", s.get("epochs_done"))
+            row["run"] = str(path.parent)
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    for key in ("solver_desc", "gradient"):
+        df[key] = df[key].fillna("-")
+    return df.sort_values(["model", "solver_desc", "gradient", "seed", "run"],
+                          key=lambda c: c.map(_order) if c.name == "model" else c,
+                          kind="stable").reset_index(drop=True)
+
+
+def _order(model: str) -> int:
+    return MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
+
+
+def _fmt(values: pd.Series, digits: int) -> str:
+    """'mean ± std' over the ok runs (just the value for one run); '-' when there is none."""
+    v = values.dropna().astype(float)
+    if v.empty:
+        return "-"
+    if len(v) == 1:
+        return f"{v.iloc[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: mean ± std over the ok runs, and the run counts."""
+    out = []
+    for key, g in df.groupby(GROUP_KEYS, sort=False, dropna=False):
+        ok = g[g.status == "ok"]
+        failed = g[g.status != "ok"]
+        row = dict(zip(GROUP_KEYS, key))
+        row["runs"] = f"{len(ok)} ok" + (f", {len(failed)} failed" if len(failed) else "")
+        row["params"] = int(g.params.iloc[0]) if pd.notna(g.params.iloc[0]) else None
+        for col, digits in (("test_error", 2), ("best_test_error", 2), ("nfe_forward", 1),
+                            ("nfe_backward", 1), ("activation_mib", 1), ("epoch_time_s", 1),
+                            ("iter_s", 3)):
+            row[col] = _fmt(ok[col], digits)
+        row["failures"] = "; ".join(sorted(set(str(e) for e in failed.error.dropna()))) or ""
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def write_table(df: pd.DataFrame, stem: Path, header: str = "") -> None:
+    """Markdown (with the budget header), CSV and LaTeX versions of one table."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    (stem.with_suffix(".md")).write_text((header + "\n\n" if header else "") + to_markdown(df))
+    df.to_csv(stem.with_suffix(".csv"), index=False)
+    stem.with_suffix(".tex").write_text(df.to_latex(index=False).replace("±", r"$\pm$"))
+
+
+def budget_line(df: pd.DataFrame) -> str:
+    """Budget of a set of runs: epochs and images per model, device, wall time, seeds."""
+    parts = []
+    for model, g in df.groupby("model", sort=False):
+        parts.append(f"{MODEL_LABEL.get(model, model)} {int(g.epochs.max())} ep x "
+                     f"{int(g.train_size.max()):,} img")
+    devices = sorted(set(df.device.dropna()))
+    wall = df.wall_time_s.fillna(0).sum()
+    seeds = sorted(set(int(s) for s in df.seed.dropna()))
+    return (f"Budget: {'; '.join(parts)}; test images {int(df.test_size.max()):,}; "
+            f"device {', '.join(devices)}; training wall time {wall / 60:.1f} min in all; "
+            f"seeds {', '.join(map(str, seeds))}.")
+
+
+def table1(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 of Chen et al. 2018: measured columns, then the paper's."""
+    agg = aggregate(df)
+    rows = []
+    for _, r in agg.iterrows():
+        paper = PAPER_TABLE1.get(r.model, {})
+        rows.append({
+            "model": MODEL_LABEL.get(r.model, r.model),
+            "solver / gradient": "-" if r.solver_desc == "-" else f"{r.solver_desc}, {r.gradient}",
+            "runs": r.runs,
+            "test error % (last)": r.test_error,
+            "test error % (best)": r.best_test_error,
+            "params": f"{r.params:,}" if r.params else "-",
+            "activation MiB": r.activation_mib,
+            "NFE-F": r.nfe_forward if r.solver_desc != "-" else "-",
+            "NFE-B": r.nfe_backward if r.solver_desc != "-" else "-",
+            "s / epoch": r.epoch_time_s,
+            **{k: paper.get(k, "-") for k in ("paper test error", "paper params",
+                                              "paper memory", "paper time")},
+        })
+    return pd.DataFrame(rows)
+
+
+def _scalars(run_dir: Path, tags: list[str]) -> dict[str, pd.DataFrame]:
+    """Per-iteration scalars from a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    have = set(acc.Tags().get("scalars", []))
+    return {t: pd.DataFrame([(e.step, e.value) for e in acc.Scalars(t)], columns=["step", t])
+            for t in tags if t in have}
+
+
+def plot_nfe_training(df: pd.DataFrame, path: Path, window: int = 20) -> pd.DataFrame:
+    """Figure 3c/3d: forward and backward NFE over training (moving average), and their ratio."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    stats = []
+    for _, r in df[(df.status == "ok") & (df.solver_desc != "-")].iterrows():
+        sc = _scalars(Path(r.run), ["train/nfe_forward", "train/nfe_backward"])
+        if "train/nfe_forward" not in sc:
+            continue
+        f = sc["train/nfe_forward"].set_index("step")["train/nfe_forward"]
+        bwd = sc["train/nfe_backward"].set_index("step")["train/nfe_backward"]
+        label = f"{MODEL_LABEL.get(r.model, r.model)} s{r.seed}"
+        a.plot(f.index, f.rolling(window, min_periods=1).mean(), label=f"{label} forward")
+        if bwd.sum() > 0:
+            a.plot(bwd.index, bwd.rolling(window, min_periods=1).mean(), "--",
+                   label=f"{label} backward")
+            b.scatter(f, bwd, s=4, alpha=0.4, label=label)
+        stats.append({"model": r.model, "seed": int(r.seed), "iterations": int(len(f)),
+                      "nfe_forward_first": float(f.iloc[:window].mean()),
+                      "nfe_forward_last": float(f.iloc[-window:].mean()),
+                      "nfe_backward_first": float(bwd.iloc[:window].mean()),
+                      "nfe_backward_last": float(bwd.iloc[-window:].mean()),
+                      "ratio_backward_forward": float(bwd.sum() / f.sum()) if f.sum() else math.nan})
+    a.set_xlabel("training iteration")
+    a.set_ylabel(f"NFE per iteration ({window}-iteration mean)")
+    a.set_title("(d) NFE over training")
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
+    lim = b.get_xlim()
+    b.plot(lim, [0.5 * lim[0], 0.5 * lim[1]], "k:", label="paper: backward = 0.5 forward")
+    b.plot(lim, lim, "k--", lw=0.8, label="backward = forward")
+    b.set_xlabel("forward NFE")
+    b.set_ylabel("backward NFE (adjoint)")
+    b.set_title("(c) backward vs forward NFE")
+    b.legend(fontsize=7)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return pd.DataFrame(stats)
+
+
+def _fmt_frame(df: pd.DataFrame, formats: dict[str, str]) -> pd.DataFrame:
+    out = df.copy()
+    for col, f in formats.items():
+        if col in out:
+            out[col] = out[col].map(lambda v, f=f: "-" if pd.isna(v) else format(v, f))
+    return out
+
+
+def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: str = "") -> str:
+    """Build every Table 1 / Figure 3 output from ``runs`` (and the memory/sweep CSVs already in
+    ``results``); write them and ``results/README.md``; return the README text."""
+    from .memory import slopes
+
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    df = collect(runs)
+    if df.empty:
+        raise SystemExit(f"no runs with summary.json under {runs}")
+    budget = budget_line(df)
+    t1 = table1(df)
+    write_table(t1, results / "table1", f"Table 1 (Chen et al. 2018), MNIST. {budget}")
+    df.drop(columns=["run"]).to_csv(results / "runs.csv", index=False)
+    lines = [f"# MNIST: Table 1 and Figure 3 of Chen et al. 2018 (profile `{profile}`)", "",
+             "Generated by `nodebench report` from the run directories of "
+             f"`make reproduce-mnist PROFILE={profile}` (runs in `{runs}`); do not edit by hand.",
+             "", f"Profile: {description}.", "", "## Table 1", "", budget, "", to_markdown(t1),
+             "Measured columns come from this run; `paper` columns are Chen et al. 2018's. "
+             "Test error: last epoch and best epoch (the reference script keeps the best). "
+             "Activation MiB: the largest number of bytes autograd saved for backward in one "
+             "training step (parameters excluded, each storage once). NFE: mean per training "
+             "iteration over the last epoch (forward solve; backward = adjoint solve).", ""]
+    mem_csv = results / "memory.csv"
+    if mem_csv.exists():
+        mem = pd.read_csv(mem_csv)
+        s = slopes(mem)
+        view = _fmt_frame(mem[["model", "gradient", "setting", "nfe_forward", "nfe_backward",
+                               "activation_mib"]], {"activation_mib": ".1f"})
+        write_table(view, results / "memory", f"Memory scaling, batch {int(mem.batch.iloc[0])}, "
+                    f"{mem.dataset.iloc[0]}, at initialisation.")
+        lines += ["## Memory scaling (the memory column, measured)", "",
+                  f"One training step at initialisation, batch {int(mem.batch.iloc[0])}. "
+                  "Least-squares slopes: "
+                  + ", ".join(f"{MODEL_LABEL[k]} {v:.2f} MiB per "
+                              f"{'block' if k == 'resnet' else 'forward NFE'}"
+                              for k, v in s.items()) + ".", "", to_markdown(view),
+                  "![memory scaling](memory.png)", ""]
+    nfe_stats = plot_nfe_training(df, results / "fig3cd.png")
+    if not nfe_stats.empty:
+        view = _fmt_frame(nfe_stats, {c: ".2f" for c in nfe_stats.columns if "nfe" in c
+                                      or "ratio" in c})
+        write_table(view, results / "nfe_training")
+        lines += ["## Figure 3c/3d: NFE over training", "",
+                  "Means over the first and the last 20 iterations. The paper states that "
+                  "backward NFE is roughly half of forward NFE; with torchdiffeq's dopri5 and "
+                  "its adjoint the measured ratio is the `ratio_backward_forward` column.", "",
+                  to_markdown(view), "![NFE over training](fig3cd.png)", ""]
+    sweep_csv = results / "sweep.csv"
+    if sweep_csv.exists():
+        sw = pd.read_csv(sweep_csv)
+        view = _fmt_frame(sw[["tol", "nfe_forward", "nfe_backward", "ratio_backward_forward",
+                              "error_mean", "error_max", "forward_time_s", "test_error_batch"]],
+                          {"tol": "g", "ratio_backward_forward": ".2f", "error_mean": ".2e",
+                           "error_max": ".2e", "forward_time_s": ".3f",
+                           "test_error_batch": ".2f"})
+        write_table(view, results / "sweep", f"Tolerance sweep of the trained ODE-Net on "
+                    f"{int(sw.batch.iloc[0])} test images.")
+        lines += ["## Figure 3a/3b: tolerance sweep of the trained ODE-Net", "",
+                  f"{int(sw.batch.iloc[0])} test images; error against a dopri5 solution at "
+                  "rtol = atol = 1e-8; forward time of the ODE block alone (best of 3).", "",
+                  to_markdown(view), "![tolerance sweep](fig3ab.png)", ""]
+    failed = df[df.status != "ok"]
+    if len(failed):
+        lines += ["## Failed runs", "", to_markdown(failed[["model", "seed", "error"]])]
+    text = "\n".join(lines).rstrip() + "\n"
+    (results / "README.md").write_text(text)
+    return text
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="nodebench report",
+                                description="Comparison tables from run directories.")
+    p.add_argument("runs", nargs="+", help="folders searched recursively for summary.json")
+    p.add_argument("--out", default=None, help="write table.{md,csv,tex} and runs.csv here")
+    a = p.parse_args(argv)
+    df = collect([Path(r) for r in a.runs])
+    if df.empty:
+        from .errors import ConfigError
+        raise ConfigError(f"no summary.json found under {', '.join(a.runs)}")
+    agg = aggregate(df)
+    print(budget_line(df))
+    print(to_markdown(agg))
+    if a.out:
+        write_table(agg, Path(a.out) / "table", budget_line(df))
+        df.drop(columns=["run"]).to_csv(Path(a.out) / "runs.csv", index=False)
+        print(f"written to {a.out}/table.md, table.csv, table.tex, runs.csv")
+    return 0

@@ -1,0 +1,93 @@
+"""The report step on a fixture tree of run directories: exact tables, failed runs shown."""
+
+import json
+
+import pytest
+
+from nodebench.report import aggregate, collect, table1, to_markdown
+
+
+def write_run(root, name, **fields):
+    base = {"status": "ok", "error": None, "model": "resnet", "solver": None,
+            "solver_desc": None, "gradient": None, "dataset": "mnist", "seed": 0,
+            "params": 576778, "train_size": 1000, "test_size": 500, "device": "cpu (test)",
+            "wall_time_s": 60.0, "epochs_done": 2, "best_epoch": 2, "test_error": 1.0,
+            "best_test_error": 1.0, "nfe_forward": 0.0, "nfe_backward": 0.0,
+            "activation_mib": 125.0, "epoch_time_s": 30.0, "iter_s": 0.5,
+            "config": {"trainer": {"epochs": 2}}}
+    base.update(fields)
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps(base))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    ode = dict(model="odenet", solver="dopri5", solver_desc="dopri5 rtol=0.001 atol=0.001",
+               gradient="adjoint", params=208266, activation_mib=85.0)
+    write_run(tmp_path, "a/resnet_s0", seed=0, test_error=1.0, best_test_error=0.9)
+    write_run(tmp_path, "a/resnet_s1", seed=1, test_error=2.0, best_test_error=1.1,
+              epoch_time_s=32.0)
+    write_run(tmp_path, "b/resnet_s2", seed=2, test_error=3.0, best_test_error=1.3,
+              epoch_time_s=34.0)
+    write_run(tmp_path, "b/odenet_s0", seed=0, test_error=1.5, best_test_error=1.5,
+              nfe_forward=26.0, nfe_backward=32.0, **ode)
+    write_run(tmp_path, "b/odenet_s1", seed=1, status="failed",
+              error="max_num_steps exceeded (1000>=1000)", test_error=None,
+              best_test_error=None, nfe_forward=None, nfe_backward=None, **ode)
+    write_run(tmp_path, "b/mlp_s0", model="mlp", params=238510, test_error=1.7,
+              best_test_error=1.7, activation_mib=0.5, epoch_time_s=2.5)
+    return tmp_path
+
+
+EXPECTED_TABLE1 = """\
+| model   | solver / gradient                     | runs           | test error % (last)   | test error % (best)   | params   | activation MiB   | NFE-F   | NFE-B   | s / epoch    | paper test error   | paper params   | paper memory   | paper time   |
+|:--------|:--------------------------------------|:---------------|:----------------------|:----------------------|:---------|:-----------------|:--------|:--------|:-------------|:-------------------|:---------------|:---------------|:-------------|
+| 1-layer MLP | -                                     | 1 ok           | 1.70                  | 1.70                  | 238,510  | 0.5              | -       | -       | 2.5          | 1.60%              | 0.24 M         | -              | -            |
+| ResNet  | -                                     | 3 ok           | 2.00 ± 1.00           | 1.10 ± 0.20           | 576,778  | 125.0 ± 0.0      | -       | -       | 32.0 ± 2.0   | 0.41%              | 0.60 M         | O(L)           | O(L)         |
+| ODE-Net | dopri5 rtol=0.001 atol=0.001, adjoint | 1 ok, 1 failed | 1.50                  | 1.50                  | 208,266  | 85.0             | 26.0    | 32.0    | 30.0         | 0.42%              | 0.22 M         | O(1)           | O(L~)        |
+"""
+
+
+def test_collect_finds_every_run_sorted(tree):
+    df = collect(tree)
+    assert list(zip(df.model, df.seed)) == [("mlp", 0), ("resnet", 0), ("resnet", 1),
+                                           ("resnet", 2), ("odenet", 0), ("odenet", 1)]
+
+
+def test_aggregate_counts_failed_runs_and_never_averages_them(tree):
+    agg = aggregate(collect(tree)).set_index("model")
+    assert agg.loc["odenet", "runs"] == "1 ok, 1 failed"
+    assert agg.loc["odenet", "test_error"] == "1.50"
+    assert agg.loc["odenet", "failures"] == "max_num_steps exceeded (1000>=1000)"
+    assert agg.loc["resnet", "test_error"] == "2.00 ± 1.00"   # mean and sample std of 1, 2, 3
+
+
+def test_table1_exact(tree):
+    got = to_markdown(table1(collect(tree)))
+    # compare cell by cell; the separator row's dash counts depend on column widths
+    expected_rows = [r.split("|")[1:-1] for i, r in
+                     enumerate(EXPECTED_TABLE1.strip().splitlines()) if i != 1]
+    got_rows = [r.split("|")[1:-1] for i, r in enumerate(got.strip().splitlines()) if i != 1]
+    assert [[c.strip() for c in r] for r in got_rows] == \
+        [[c.strip() for c in r] for r in expected_rows]
+
+
+def test_report_is_byte_identical_across_runs(tree, tmp_path):
+    from nodebench.report import report_mnist
+
+    a = report_mnist(tree, tmp_path / "out1")
+    b = report_mnist(tree, tmp_path / "out2")
+    assert a == b
+    for name in ("table1.md", "table1.csv", "table1.tex", "runs.csv"):
+        assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes()
+    assert "## Failed runs" in a and "max_num_steps exceeded" in a
+
+
+def test_report_cli(tree, tmp_path, capsys):
+    from nodebench.cli import main
+
+    assert main(["report", str(tree), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "table.md").exists()
+    assert main(["report", str(tmp_path / "empty-nothing")]) == 2
+    assert capsys.readouterr().err.strip().startswith("nodebench: error: no summary.json")
