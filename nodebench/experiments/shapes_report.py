@@ -15,13 +15,21 @@ from .shapes import SEED_ACCURACY, SEED_EPOCH_S, SOLVER_TITLES, SOLVERS, STUDIES
 
 
 def _load(run_dir: Path) -> dict | None:
-    if not (run_dir / "summary.json").exists():
-        return None
-    summary = json.loads((run_dir / "summary.json").read_text())
+    """A run's summary, per-epoch rows and iteration counts; a run stopped before its end (no
+    summary.json yet) is shown with the epochs it finished and status ``incomplete``."""
     rows = []
     if (run_dir / "metrics.csv").exists():
         with open(run_dir / "metrics.csv") as fh:
             rows = list(csv.DictReader(fh))
+    if (run_dir / "summary.json").exists():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    elif rows:
+        summary = {"status": f"incomplete ({len(rows)} epochs)", "error": None,
+                   "epoch_time_s": sum(float(r["epoch_time_s"]) for r in rows) / len(rows),
+                   "nfe_forward": float(rows[-1]["nfe_forward"]),
+                   "nfe_backward": float(rows[-1]["nfe_backward"])}
+    else:
+        return None
     stats_file = run_dir / "implicit_stats.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     return {"summary": summary, "rows": rows, "stats": stats}
@@ -79,7 +87,8 @@ def report_shapes(runs_dir: Path, results: Path, studies: list[str], profile: st
     import matplotlib.pyplot as plt
 
     loaded = {st: {s: _load(runs_dir / f"{st}_{s}") for s in SOLVERS} for st in studies}
-    any_run = next((r for st in loaded.values() for r in st.values() if r), None)
+    any_run = next((r for st in loaded.values() for r in st.values()
+                    if r and "device" in r["summary"]), None)
     device = any_run["summary"]["device"] if any_run else "-"
     total_wall = sum(json.loads((runs_dir / f"{st}_{s}" / "implicit_stats.json").read_text())
                      ["wall_s"] for st in studies for s in SOLVERS
@@ -91,7 +100,8 @@ def report_shapes(runs_dir: Path, results: Path, studies: list[str], profile: st
     sections = []
     for st in studies:
         runs = loaded[st]
-        cfg = next((r["summary"]["config"] for r in runs.values() if r), None)
+        cfg = next((r["summary"]["config"] for r in runs.values()
+                    if r and "config" in r["summary"]), None)
         sizes = (f"{cfg['dataset']['name']}, {cfg['dataset']['train_size']} training / "
                  f"{cfg['dataset']['test_size']} test images of {cfg['dataset']['shape']['size']}"
                  f"x{cfg['dataset']['shape']['size']}, step {cfg['solver']['step_size']}, "
