@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-GROUP_KEYS = ["model", "solver_desc", "gradient", "dataset", "train_size", "epochs"]
+GROUP_KEYS = ["model", "solver_desc", "gradient", "dataset", "train_size", "epochs", "batch"]
 MEASURED = ["test_error", "best_test_error", "nfe_forward", "nfe_backward", "activation_mib",
             "epoch_time_s", "iter_s"]
 
@@ -49,7 +49,9 @@ def collect(runs: list[Path] | Path) -> pd.DataFrame:
                                           "gradient", "dataset", "seed", "params", "train_size",
                                           "test_size", "device", "wall_time_s", "epochs_done",
                                           "best_epoch", *MEASURED]}
-            row["epochs"] = (cfg.get("trainer") or {}).get("epochs", s.get("epochs_done"))
+            trainer = cfg.get("trainer") or {}
+            row["epochs"] = trainer.get("epochs", s.get("epochs_done"))
+            row["batch"] = trainer.get("batch_size")
             row["run"] = str(path.parent)
             rows.append(row)
     df = pd.DataFrame(rows)
@@ -110,8 +112,9 @@ def budget_line(df: pd.DataFrame) -> str:
     """Budget of a set of runs: epochs and images per model, device, wall time, seeds."""
     parts = []
     for model, g in df.groupby("model", sort=False):
+        batch = f", batch {int(g.batch.max())}" if g.batch.notna().any() else ""
         parts.append(f"{MODEL_LABEL.get(model, model)} {int(g.epochs.max())} ep x "
-                     f"{int(g.train_size.max()):,} img")
+                     f"{int(g.train_size.max()):,} img{batch}")
     devices = sorted(set(df.device.dropna()))
     wall = df.wall_time_s.fillna(0).sum()
     seeds = sorted(set(int(s) for s in df.seed.dropna()))
@@ -130,6 +133,7 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
             "model": MODEL_LABEL.get(r.model, r.model),
             "solver / gradient": "-" if r.solver_desc == "-" else f"{r.solver_desc}, {r.gradient}",
             "runs": r.runs,
+            "batch": "-" if pd.isna(r.batch) else str(int(r.batch)),
             "test error % (last)": r.test_error,
             "test error % (best)": r.best_test_error,
             "params": f"{r.params:,}" if r.params else "-",
@@ -183,7 +187,8 @@ def plot_nfe_training(df: pd.DataFrame, path: Path, window: int = 20) -> pd.Data
     a.set_xlabel("training iteration")
     a.set_ylabel(f"NFE per iteration ({window}-iteration mean)")
     a.set_title("(d) NFE over training")
-    a.legend(fontsize=7)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7)
     a.grid(alpha=0.3)
     lim = b.get_xlim()
     b.plot(lim, [0.5 * lim[0], 0.5 * lim[1]], "k:", label="paper: backward = 0.5 forward")

@@ -14,7 +14,7 @@ def write_run(root, name, **fields):
             "wall_time_s": 60.0, "epochs_done": 2, "best_epoch": 2, "test_error": 1.0,
             "best_test_error": 1.0, "nfe_forward": 0.0, "nfe_backward": 0.0,
             "activation_mib": 125.0, "epoch_time_s": 30.0, "iter_s": 0.5,
-            "config": {"trainer": {"epochs": 2}}}
+            "config": {"trainer": {"epochs": 2, "batch_size": 128}}}
     base.update(fields)
     d = root / name
     d.mkdir(parents=True)
@@ -41,11 +41,11 @@ def tree(tmp_path):
 
 
 EXPECTED_TABLE1 = """\
-| model   | solver / gradient                     | runs           | test error % (last)   | test error % (best)   | params   | activation MiB   | NFE-F   | NFE-B   | s / epoch    | paper test error   | paper params   | paper memory   | paper time   |
-|:--------|:--------------------------------------|:---------------|:----------------------|:----------------------|:---------|:-----------------|:--------|:--------|:-------------|:-------------------|:---------------|:---------------|:-------------|
-| 1-layer MLP | -                                     | 1 ok           | 1.70                  | 1.70                  | 238,510  | 0.5              | -       | -       | 2.5          | 1.60%              | 0.24 M         | -              | -            |
-| ResNet  | -                                     | 3 ok           | 2.00 ± 1.00           | 1.10 ± 0.20           | 576,778  | 125.0 ± 0.0      | -       | -       | 32.0 ± 2.0   | 0.41%              | 0.60 M         | O(L)           | O(L)         |
-| ODE-Net | dopri5 rtol=0.001 atol=0.001, adjoint | 1 ok, 1 failed | 1.50                  | 1.50                  | 208,266  | 85.0             | 26.0    | 32.0    | 30.0         | 0.42%              | 0.22 M         | O(1)           | O(L~)        |
+| model   | solver / gradient                     | runs           | batch   | test error % (last)   | test error % (best)   | params   | activation MiB   | NFE-F   | NFE-B   | s / epoch    | paper test error   | paper params   | paper memory   | paper time   |
+|:--------|:--------------------------------------|:---------------|:--------|:----------------------|:----------------------|:---------|:-----------------|:--------|:--------|:-------------|:-------------------|:---------------|:---------------|:-------------|
+| 1-layer MLP | -                                     | 1 ok           | 128 | 1.70                  | 1.70                  | 238,510  | 0.5              | -       | -       | 2.5          | 1.60%              | 0.24 M         | -              | -            |
+| ResNet  | -                                     | 3 ok           | 128 | 2.00 ± 1.00           | 1.10 ± 0.20           | 576,778  | 125.0 ± 0.0      | -       | -       | 32.0 ± 2.0   | 0.41%              | 0.60 M         | O(L)           | O(L)         |
+| ODE-Net | dopri5 rtol=0.001 atol=0.001, adjoint | 1 ok, 1 failed | 128 | 1.50                  | 1.50                  | 208,266  | 85.0             | 26.0    | 32.0    | 30.0         | 0.42%              | 0.22 M         | O(1)           | O(L~)        |
 """
 
 

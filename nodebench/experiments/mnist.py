@@ -24,15 +24,15 @@ MODELS = ("mlp", "resnet", "rknet", "odenet")
 PROFILES: dict[str, dict] = {
     "cpu": {
         "description": "CPU budget: MLP 10 epochs (no augmentation); ResNet 2 epochs on 60k; "
-                       "RK-Net and ODE-Net 1 epoch on 30k images; per-step cosine decay of the learning rate, SGD "
-                       "0.1 (momentum 0.9) for MLP and ResNet, Adam 1e-3 for RK-Net and ODE-Net "
-                       "(with SGD, one 30k-image epoch left RK-Net at 5.95% test error)",
+                       "RK-Net and ODE-Net 1 epoch on 30k images at batch 32 (936 iterations; at batch 128 the "
+                       "234 iterations left RK-Net at 5.95% test error with SGD, 6.84% with Adam); "
+                       "SGD (lr 0.1 x batch/128, momentum 0.9) with a per-step cosine decay",
         "common": ["dataset=mnist", "optim=sgd_cosine", "trainer.progress=true"],
         "models": {
             "mlp": ["trainer.epochs=10", "dataset.augment=false"],
             "resnet": ["trainer.epochs=2"],
-            "rknet": ["trainer.epochs=1", "dataset.train_size=30000", "optim=adam_cosine"],
-            "odenet": ["trainer.epochs=1", "dataset.train_size=30000", "optim=adam_cosine"],
+            "rknet": ["trainer.epochs=1", "dataset.train_size=30000", "trainer.batch_size=32"],
+            "odenet": ["trainer.epochs=1", "dataset.train_size=30000", "trainer.batch_size=32"],
         },
         "seeds": [0],
         "memory": {"batch": 128, "dataset": "mnist", "tols": [1e-1, 1e-3, 1e-5],
