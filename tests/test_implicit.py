@@ -135,7 +135,10 @@ def test_exact_nfe_and_iterations(method, mode):
     assert nfe.take("forward") == (n + 1) + extra
     stats = implicit.STATS.take()
     assert stats["forward_iters"] == n + 1 and stats["forward_steps"] == n
-    if mode == "adjoint":  # per step: 2 state iterations + 1 linearisation; 1 adjoint iteration
+    if mode == "adjoint" and method == "implicit_euler":  # exact explicit reversal: 1 call
+        assert nfe.take("backward") == n
+        assert stats["backward_iters"] == n and stats["backward_steps"] == n
+    elif mode == "adjoint":  # per step: 2 state iterations + 1 linearisation; 1 adjoint iteration
         assert nfe.take("backward") == 3 * n + extra
         assert stats["backward_iters"] == 3 * n and stats["backward_steps"] == n
     else:
@@ -200,10 +203,10 @@ def _finite_differences(func, y0, method, h, eps=1e-6):
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_vs_finite_differences(method):
     """Direct gradients (implicit function theorem per step) equal central finite differences of
-    the discrete solution. Adjoint gradients (the adjoint ODE solved backwards with the same
-    scheme) approach them at the scheme's order in h; for the implicit midpoint
-    (crank_nicolson), which is symmetric, the backward pass retraces the forward states and the
-    adjoint gradient is exact too."""
+    the discrete solution. Adjoint gradients of the trapezoid (the adjoint ODE solved backwards
+    with the same scheme) approach them at order 2 in h; the implicit midpoint (crank_nicolson)
+    is symmetric and implicit_euler is reversed exactly by an explicit step, so their backward
+    passes retrace the forward states and their adjoint gradients are exact too."""
     func = TinyMLP()
     y0 = torch.randn(2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     adjoint_errors = []
@@ -213,7 +216,7 @@ def test_gradients_vs_finite_differences(method):
         adjoint = _grads(func, y0, method, h, "adjoint")
         assert torch.allclose(direct, fd, atol=1e-7, rtol=1e-7)
         adjoint_errors.append((adjoint - fd).abs().max().item())
-    if method == "crank_nicolson":
+    if method in ("crank_nicolson", "implicit_euler"):  # symmetric / exactly reversed
         assert max(adjoint_errors) < 1e-7
     else:
         assert adjoint_errors[0] > 1e-5  # a real O(h^p) discrepancy, shrinking at the order:
