@@ -83,6 +83,21 @@ def test_dataset_configs_and_model(name, classes):
     assert model(data.train_x.float() / 255).shape == (8, classes)
 
 
+def test_small_width_head_sees_its_input():
+    """Regression: with 1 channel per GroupNorm group (width 16) the GN -> average-pool head
+    returned the GN bias for every image. With 2 channels per group the logits vary."""
+    cfg = compose(["dataset=shapes", "model=shapes_odenet", "model.width=16", "solver=euler",
+                   "solver.step_size=0.25"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 1, 28, 3)
+    for m in model.modules():  # non-trivial affine parameters, as after training
+        if isinstance(m, torch.nn.GroupNorm):
+            torch.nn.init.normal_(m.weight)
+    with torch.no_grad():
+        logits = model(torch.rand(4, 1, 28, 28))
+    assert (logits - logits[0]).abs().max() > 1e-3
+
+
 def test_driver_tiny_end_to_end(tmp_path):
     runs, results = tmp_path / "runs", tmp_path / "results"
     code = study.main(["--profile", "tiny", "--studies", "single", "--jobs", "1",

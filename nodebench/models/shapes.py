@@ -15,8 +15,17 @@ import torch
 from torch import nn
 
 from ..solvers import Gradient, Solver
-from .blocks import Dynamics, ODEBlock, group_norm
+from .blocks import Dynamics, ODEBlock
 from .classifiers import _stem
+
+
+def pair_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 2 channels per group: Honchar's GroupNorm(32, 64) at width 64, and the same
+    group size at other widths. With 1 channel per group (nodebench's ``group_norm`` below 64
+    channels) the head's GroupNorm makes every channel's map zero-mean, the global average pool
+    then returns the affine bias alone, and the classifier cannot see its input (measured: loss
+    stuck at ln(classes) at width 16)."""
+    return nn.GroupNorm(max(1, channels // 2), channels)
 
 
 class TimeConv(nn.Module):
@@ -37,9 +46,9 @@ class ShapesODEFunc(Dynamics):
     def __init__(self, channels: int = 64) -> None:
         super().__init__()
         self.conv1 = TimeConv(channels)
-        self.norm1 = group_norm(channels)
+        self.norm1 = pair_norm(channels)
         self.conv2 = TimeConv(channels)
-        self.norm2 = group_norm(channels)
+        self.norm2 = pair_norm(channels)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.norm1(torch.relu(self.conv1(t, y)))
@@ -54,6 +63,6 @@ def shapes_odenet(solver: Solver, gradient: Gradient, in_channels: int = 1, imag
     3 classes: stem 132,096 + dynamics 75,136 + head 323 (GN 128, linear 195) = 207,555 (asserted in tests).
     """
     block = ODEBlock(ShapesODEFunc(width), solver, gradient, t1=t1)
-    head = nn.Sequential(group_norm(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    head = nn.Sequential(pair_norm(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(width, num_classes))
     return nn.Sequential(_stem("conv", in_channels, width), block, head)
