@@ -147,7 +147,9 @@ def stage_train(profile: dict, runs: Path, experiment: str, studies: list[str],
         if (runs / f"{st}_{so}").exists():
             print(f"[shapes] removing previous run {runs / f'{st}_{so}'}")
             shutil.rmtree(runs / f"{st}_{so}")
-    jobs.sort(key=lambda j: -cost[j[1]] * STUDIES[j[0]]["train_size"] / STUDIES[j[0]]["step"] ** 0.6)
+    if profile["jobs"] > 1:  # otherwise study by study, so a stopped run leaves whole studies
+        jobs.sort(key=lambda j: -cost[j[1]] * STUDIES[j[0]]["train_size"]
+                  / STUDIES[j[0]]["step"] ** 0.6)
     work = [(job_overrides(profile, st, so, experiment), str(runs / f"{st}_{so}"))
             for st, so in jobs]
     if profile["jobs"] == 1:
