@@ -8,7 +8,8 @@ SHARED_MNIST ?= ../shared/data/mnist
 
 .DEFAULT_GOAL := help
 .PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-shapes \
-        reproduce-expressivity reproduce-dynamics reproduce-latent bench tensorboard lint clean
+        reproduce-expressivity reproduce-dynamics reproduce-latent bench tensorboard lint clean \
+        slurm-local test-slurm
 
 help: ## list every target
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-24s %s\n", $$1, $$2}'
@@ -50,6 +51,12 @@ bench: install ## seconds per iteration: nodebench vs a hand-written loop, instr
 
 tensorboard: install ## open TensorBoard on all runs (http://localhost:6006)
 	$(VENV)/bin/tensorboard --logdir runs --port 6006
+
+slurm-local: ## start a one-node Slurm on this machine (needs root and apt-get install slurm-wlm munge)
+	bash scripts/slurm_local.sh start
+
+test-slurm: install slurm-local ## sweep 2 models x 2 seeds through Slurm (submitit) and resume a pre-empted job
+	SLURM_CONF=$${NODEBENCH_SLURM_DIR:-/tmp/nodebench-slurm}/slurm.conf $(PY) -m pytest -q -m slurm tests/test_slurm.py
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check nodebench tests

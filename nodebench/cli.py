@@ -5,14 +5,26 @@
 the (multi)run is composed and validated, so bad input gives one line and exit status 2.
 Exit status: 0 all runs ok, 1 a run failed (solver failure, recorded in its summary.json),
 2 bad input.
+
+Launchers: ``hydra/launcher=local`` runs the jobs of a sweep in parallel processes (joblib),
+``hydra/launcher=slurm`` as a Slurm job array (submitit); conf/hydra/launcher/. Their jobs run in
+other processes, so the exit status of a sweep comes from the jobs' summary.json files in the sweep
+folder (a job without one did not finish: status 1). Rerunning a command with the same
+``hydra.run.dir`` / ``hydra.sweep.dir`` resumes unfinished runs and skips finished ones
+(nodebench.train).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 from .errors import ConfigError
 
@@ -33,7 +45,42 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
 _NO_RUN_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c",
                  "--shell-completion", "-sc", "--version"}
 
-_statuses: list[str] = []
+_statuses: list[str] = []   # filled by jobs that run in this process (Hydra's basic launcher)
+_sweep_dirs: list[Path] = []  # filled by SweepRecorder in this process, whatever the launcher
+
+
+class SweepRecorder(Callback):
+    """Hydra callback (conf/train.yaml, hydra.callbacks): remembers the sweep folder in the
+    launching process, where the exit status is decided."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        _sweep_dirs.append(Path(str(config.hydra.sweep.dir)))
+
+
+def sweep_statuses(sweep_dir: Path, since: float, n_jobs: int) -> list[str]:
+    """Status of each job of a sweep launched at ``since`` (epoch seconds), from the job folders
+    under ``sweep_dir`` that Hydra (re)wrote since then: summary.json's status, ``unfinished``
+    where there is none, and ``missing`` for jobs with no folder at all."""
+    statuses = []
+    for marker in sweep_dir.rglob(".hydra/overrides.yaml"):
+        if ".submitit" in marker.parts or marker.stat().st_mtime < since - 2:
+            continue
+        summary = marker.parent.parent / "summary.json"
+        statuses.append(json.loads(summary.read_text())["status"] if summary.exists()
+                        else "unfinished")
+    return statuses + ["missing"] * max(0, n_jobs - len(statuses))
+
+
+def job_threads(launcher) -> int | None:
+    """torch threads for a job that does not set trainer.threads: cores / n_jobs under the joblib
+    launcher, the allocation (SLURM_CPUS_PER_TASK) inside a Slurm job, else torch's default."""
+    n_jobs = launcher.get("n_jobs")
+    if n_jobs is not None:
+        cores = len(os.sched_getaffinity(0))
+        n_jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores
+        return max(1, cores // n_jobs)
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    return int(slurm_cpus) if slurm_cpus else None
 
 
 def _split_hydra_args(args: list[str]) -> tuple[list[str], list[str], bool]:
@@ -80,15 +127,19 @@ def _hydra_train() -> None:
     def task(cfg) -> None:
         from .train import run
 
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        if cfg.trainer.threads is None:
+            cfg.trainer.threads = job_threads(hydra_cfg.launcher)
         try:
             summary = run(cfg, run_dir)
         except ConfigError as exc:
             _remove_partial_run(run_dir)
             logging.getLogger("nodebench").error("error: %s", exc)
             _statuses.append("bad-input")
-            return
+            return "bad-input"
         _statuses.append(summary["status"])
+        return summary["status"]
 
     task()
 
@@ -96,14 +147,18 @@ def _hydra_train() -> None:
 def cmd_train(args: list[str]) -> int:
     flags, overrides, no_run = _split_hydra_args(args)
     multirun = "-m" in flags or "--multirun" in flags
-    if not no_run:
-        prevalidate(overrides, multirun)
+    n_jobs = prevalidate(overrides, multirun) if not no_run else 0
     sys.argv = ["nodebench train", *args]
     _statuses.clear()
+    _sweep_dirs.clear()
+    started = time.time()
     _hydra_train()
-    if "bad-input" in _statuses:
+    statuses = list(_statuses)
+    if multirun and _sweep_dirs and not no_run:
+        statuses += sweep_statuses(_sweep_dirs[-1], started, n_jobs)
+    if "bad-input" in statuses:
         return 2
-    return 1 if "failed" in _statuses else 0
+    return 1 if set(statuses) - {"ok"} else 0
 
 
 def cmd_data(args: list[str]) -> int:

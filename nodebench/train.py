@@ -4,6 +4,13 @@
 TensorBoard events (``train/loss``, ``train/nfe_forward``, ``train/nfe_backward``,
 ``eval/test_error``, ``memory/activation_mib``, ``time/iter_s``, ...), ``metrics.csv`` (one row per
 epoch), ``model.pt`` (final weights) and ``summary.json`` (written last, atomically).
+
+Runs survive interruption. At the end of every epoch ``checkpoint.pt`` is replaced atomically
+(model, optimiser, scheduler, every RNG state including the data-shuffling generator, the metric
+rows, the global step), so a kill at any moment leaves a whole checkpoint. ``run`` on a directory
+that holds one resumes from it (same final metrics as an uninterrupted run, on CPU); on a
+directory whose ``summary.json`` says ``ok`` it returns that summary without training; after a
+failed run it starts again from scratch. ``trainer.resume: false`` always starts from scratch.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ from .models.blocks import count_parameters
 
 log = logging.getLogger("nodebench")
 
+CHECKPOINT = "checkpoint.pt"
+# Settings that may change between a run and its resumption (they do not change the numbers).
+RESUMABLE_CHANGES = ("trainer.progress", "trainer.threads", "trainer.device", "trainer.resume",
+                     "trainer.checkpoint", "trainer.log_every", "paths.data", "paths.runs")
+
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_error", "nfe_forward",
                  "nfe_backward", "nfe_eval", "activation_mib", "cuda_max_mib", "iter_s",
                  "epoch_time_s", "eval_time_s", "iterations"]
@@ -55,6 +67,77 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to ``<path>.tmp``, fsync, then ``os.replace``: a kill at any moment leaves
+    either the previous checkpoint or the new one, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_states(gen: torch.Generator) -> dict:
+    """Every random stream training draws from: Python, NumPy, torch (CPU, CUDA) and ``gen``,
+    the generator that shuffles the data and draws the crops."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "gen": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict, gen: torch.Generator) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    gen.set_state(states["gen"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Keys (dotted) whose resolved values differ, except the ``RESUMABLE_CHANGES``."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+
+
+def prepare_run_dir(run_dir: Path, config: dict, resume: bool) -> dict | None:
+    """What a (re)started run finds in ``run_dir``: the finished summary (``status: ok``; the run
+    is not repeated), the checkpoint to resume from, or nothing (outputs of a failed or
+    abandoned run are removed first). Returns ``{"summary": ...}``, ``{"checkpoint": ...}`` or
+    None. A checkpoint of another configuration is a ConfigError."""
+    summary_path, ckpt_path = run_dir / "summary.json", run_dir / CHECKPOINT
+    previous = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if resume and previous and previous.get("status") == "ok":
+        return {"summary": previous}
+    if resume and previous is None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        changed = config_changes(state["config"], config)
+        if changed:
+            raise ConfigError(f"{run_dir} holds a checkpoint of another configuration "
+                              f"({', '.join(changed)} differ); use another hydra.run.dir or "
+                              f"trainer.resume=false")
+        return {"checkpoint": state}
+    if previous is not None:
+        log.info("previous run in %s %s (%s): starting again from scratch", run_dir,
+                 previous.get("status"), previous.get("error"))
+    outputs = [summary_path, ckpt_path, run_dir / "metrics.csv", run_dir / "model.pt",
+               *run_dir.glob("events.out.tfevents.*")]
+    for path in outputs:
+        path.unlink(missing_ok=True)
+    return None
 
 
 def device_name(device: torch.device) -> str:
@@ -83,6 +166,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     C.validate(cfg)
     t = cfg.trainer
+    config = OmegaConf.to_container(cfg, resolve=True)
+    found = prepare_run_dir(run_dir, config, t.get("resume", True)) if run_dir.is_dir() else None
+    if found and "summary" in found:
+        log.info("%s already finished (summary.json status ok): not run again", run_dir)
+        return found["summary"]
+    state = found["checkpoint"] if found else None
     device = resolve_device(t.device)
     if t.threads:
         torch.set_num_threads(int(t.threads))
@@ -104,12 +193,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only needed here
 
-    writer = SummaryWriter(str(run_dir))
     nfe = NFECounter(model)
     meter = ActivationMeter(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     inst = t.instruments
     rows: list[dict] = []
+    step, first_epoch, time_before, resumed_at = 0, 1, 0.0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"], gen)  # after building the model, which drew from them
+        rows, step, time_before = state["rows"], state["step"], state["wall_time_s"]
+        first_epoch = state["epoch"] + 1
+        resumed_at = [*state["resumed_at"], first_epoch]
+        log.info("resuming from epoch %d/%d (checkpoint of epoch %d, step %d, in %s)",
+                 first_epoch, t.epochs, state["epoch"], step, run_dir / CHECKPOINT)
+    # purge_step: TensorBoard hides the events a killed epoch wrote after the checkpoint
+    # (iteration steps > step); epoch-level scalars use the epoch number, always <= step.
+    writer = SummaryWriter(str(run_dir), purge_step=step + 1 if state is not None else None)
     summary: dict[str, Any] = {
         "status": "running", "error": None, "model": cfg.model.name,
         "solver": cfg.solver.method if C.is_ode_model(cfg) else None,
@@ -118,14 +221,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "dataset": cfg.dataset.name, "train_size": int(data.train_x.shape[0]),
         "test_size": int(data.test_x.shape[0]), "seed": cfg.seed, "params": params,
         "device": device_name(device), "experiment": cfg.experiment,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config, "resumed_at_epochs": resumed_at,
     }
     log.info("%s: %s params on %s, %d train / %d test images", cfg.model.name, f"{params:,}",
              summary["device"], summary["train_size"], summary["test_size"])
-    step = 0
     started = time.perf_counter()
     try:
-        for epoch in range(1, t.epochs + 1):
+        for epoch in range(first_epoch, t.epochs + 1):
             model.train()
             clock = Stopwatch(device)
             sums = {"loss": 0.0, "wrong": 0, "seen": 0, "nfe_f": 0, "nfe_b": 0, "mem": 0.0,
@@ -207,6 +309,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                      "mem %.1f MiB  %.1f s", epoch, t.epochs, row["train_loss"], test_error,
                      row["nfe_forward"], row["nfe_backward"], row["activation_mib"] or 0.0,
                      train_time)
+            if t.get("checkpoint", True):
+                save_checkpoint(run_dir / CHECKPOINT, {
+                    "epoch": epoch, "step": step, "rows": rows, "config": config,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": rng_states(gen), "resumed_at": resumed_at,
+                    "wall_time_s": time_before + time.perf_counter() - started})
         summary["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - numerical failures are recorded, bugs re-raised
         reason = classify_solver_error(exc)
@@ -217,7 +326,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         nfe.remove()
     summary.update(_final_metrics(rows))
-    summary["wall_time_s"] = time.perf_counter() - started
+    summary["wall_time_s"] = time_before + time.perf_counter() - started
     summary["epochs_done"] = len(rows)
     if t.save_model and summary["status"] == "ok":
         torch.save(model.state_dict(), run_dir / "model.pt")
@@ -229,6 +338,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     writer.add_hparams(hparams, final, run_name=".")
     writer.close()
     write_json_atomic(run_dir / "summary.json", summary)
+    # finished (ok: never rerun; failed: rerun from scratch), so the checkpoint has done its job
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return summary
 
 

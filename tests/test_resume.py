@@ -1,0 +1,159 @@
+"""Checkpoint and resume (nodebench.train), finished runs skipped, and local parallel sweeps
+(hydra/launcher=local) with the right exit status."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from nodebench import train as T
+from nodebench.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["dataset=synthetic", "trainer.epochs=2", "trainer.max_batches=2", "trainer.batch_size=16",
+        "trainer.eval_batch_size=64", "trainer.progress=false", "dataset.test_size=64"]
+SAME = ["epoch", "train_loss", "train_error", "test_error", "nfe_forward", "nfe_backward",
+        "nfe_eval", "lr"]
+
+
+def metrics(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "metrics.csv")[SAME]
+
+
+def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_metrics(tmp_path):
+    """A real `nodebench train` process killed (SIGKILL) mid-epoch and started again with the same
+    command ends with exactly the metrics of an uninterrupted run of the same seed (CPU)."""
+    args = ["dataset=synthetic", "model=odenet", "seed=3", "trainer.epochs=3",
+            "trainer.max_batches=4", "trainer.batch_size=8", "dataset.test_size=32",
+            "trainer.progress=false", "trainer.threads=1", "optim=sgd_cosine"]
+    env = dict(os.environ, NODEBENCH_RUNS=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
+
+    def command(run_dir):
+        return [sys.executable, "-m", "nodebench.cli", "train", *args, f"hydra.run.dir={run_dir}"]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = subprocess.Popen(command(whole), cwd=tmp_path, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(command(killed), cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / T.CHECKPOINT).exists():
+        assert victim.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    # half an epoch later: the kill lands inside epoch 2 (its batches are not checkpointed)
+    time.sleep(0.5 * metrics_epoch_s(killed))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "summary.json").exists()
+    state = torch.load(killed / T.CHECKPOINT, weights_only=False)
+    assert state["epoch"] in (1, 2) and len(state["rows"]) == state["epoch"]
+
+    resumed = subprocess.run(command(killed), cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert reference.wait(timeout=120) == 0, reference.stderr.read()[-2000:]
+    assert f"resuming from epoch {state['epoch'] + 1}/3" in (killed / "train.log").read_text()
+    pd.testing.assert_frame_equal(metrics(killed), metrics(whole), check_exact=True)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (killed, whole))
+    assert a["status"] == b["status"] == "ok" and a["epochs_done"] == 3
+    assert a["test_error"] == b["test_error"] and a["resumed_at_epochs"] == [state["epoch"] + 1]
+    assert not (killed / T.CHECKPOINT).exists() and (killed / "model.pt").exists()
+    # TensorBoard: the killed epoch's iteration events are purged, each step appears once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(killed))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
+    assert [e.step for e in acc.Scalars("eval/test_error")] == [1, 2, 3]
+
+
+def metrics_epoch_s(run_dir: Path) -> float:
+    """Seconds of the first epoch (training + evaluation), from metrics.csv."""
+    row = pd.read_csv(run_dir / "metrics.csv").iloc[0]
+    return float(row.epoch_time_s + row.eval_time_s)
+
+
+class Interrupted(BaseException):
+    """Stands for a kill right after a checkpoint (not an Exception: nothing records it)."""
+
+
+def save_then_stop(epoch):
+    save = T.save_checkpoint
+
+    def save_and_maybe_stop(path, state):
+        save(path, state)
+        if state["epoch"] == epoch:
+            raise Interrupted
+
+    return save_and_maybe_stop
+
+
+def test_resume_in_process_and_config_change_is_bad_input(runs_dir, monkeypatch):
+    run_dir = runs_dir / "r"
+    cmd = ["train", *TINY, "model=rknet", "trainer.epochs=3", "optim=adam",
+           f"hydra.run.dir={run_dir}"]
+    with monkeypatch.context() as m, pytest.raises(Interrupted):
+        m.setattr(T, "save_checkpoint", save_then_stop(epoch=2))
+        main(cmd)
+    assert list(metrics(run_dir).epoch) == [1, 2] and not (run_dir / "summary.json").exists()
+
+    assert main([*cmd, "optim.optimizer.lr=0.5"]) == 2
+    assert "holds a checkpoint of another configuration (optim.optimizer.lr differ)" in \
+        (run_dir / "train.log").read_text()
+
+    assert main(cmd) == 0
+    assert main(["train", *TINY, "model=rknet", "trainer.epochs=3", "optim=adam",
+                 f"hydra.run.dir={runs_dir / 'whole'}"]) == 0
+    pd.testing.assert_frame_equal(metrics(run_dir), metrics(runs_dir / "whole"),
+                                  check_exact=True)
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_at_epochs"] == [3]
+
+
+def test_finished_run_is_skipped_failed_run_restarts(runs_dir):
+    run_dir = runs_dir / "r"
+    cmd = ["train", *TINY, "model=mlp", f"hydra.run.dir={run_dir}"]
+    assert main(cmd) == 0
+    first = (run_dir / "summary.json").read_text()
+    assert main(cmd) == 0
+    assert (run_dir / "summary.json").read_text() == first   # not trained again
+    assert "already finished (summary.json status ok): not run again" in \
+        (run_dir / "train.log").read_text()
+
+    failed = runs_dir / "f"
+    bad = ["train", *TINY, "model=odenet", "solver.max_num_steps=1", f"hydra.run.dir={failed}"]
+    assert main(bad) == 1
+    assert json.loads((failed / "summary.json").read_text())["status"] == "failed"
+    assert not (failed / T.CHECKPOINT).exists()
+    old_events = set(failed.glob("events.out.tfevents.*"))
+    # the same folder with a working setting: trained from scratch, old outputs gone
+    assert main(["train", *TINY, "model=odenet", f"hydra.run.dir={failed}"]) == 0
+    s = json.loads((failed / "summary.json").read_text())
+    assert s["status"] == "ok" and s["resumed_at_epochs"] == [] and s["epochs_done"] == 2
+    assert old_events and not old_events & set(failed.glob("events.out.tfevents.*"))
+    assert "starting again from scratch" in (failed / "train.log").read_text()
+
+
+def test_local_launcher_parallel_sweep_and_exit_status(runs_dir):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = runs_dir / "sweep"
+    code = main(["train", "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", *TINY,
+                 "model=mlp,odenet", "solver.max_num_steps=1", f"hydra.sweep.dir={sweep}"])
+    assert code == 1   # odenet failed in a worker process; read from its summary.json
+    by_model = {s["model"]: s for s in
+                (json.loads(p.read_text()) for p in sweep.glob("*/summary.json"))}
+    assert by_model["odenet"]["status"] == "failed" and by_model["mlp"]["status"] == "ok"
+    cores = len(os.sched_getaffinity(0))
+    assert by_model["mlp"]["config"]["trainer"]["threads"] == max(1, cores // 2)
+
+    ok = runs_dir / "ok"
+    assert main(["train", "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", *TINY,
+                 "model=mlp,resnet", f"hydra.sweep.dir={ok}"]) == 0
+    assert sorted(p.parent.name for p in ok.glob("*/summary.json")) == ["0_mlp_s0",
+                                                                        "1_resnet_s0"]
