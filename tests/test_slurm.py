@@ -39,11 +39,12 @@ def slurm_env():
         pytest.skip("Slurm not installed (apt-get install -y slurm-wlm munge)")
     if os.geteuid() != 0:
         pytest.skip("the sandbox cluster runs slurmd as root")
-    proc = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(SCRIPT), "start"], check=False, capture_output=True, text=True,
                           timeout=120)
     if proc.returncode != 0:
         pytest.skip(f"Slurm could not start: {(proc.stderr or proc.stdout).strip()[-500:]}")
-    conf = subprocess.run(["bash", str(SCRIPT), "env"], capture_output=True, text=True)
+    conf = subprocess.run(["bash", str(SCRIPT), "env"], check=True, capture_output=True,
+                          text=True)
     env = dict(os.environ, SLURM_CONF=conf.stdout.strip().split("=", 1)[1],
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return env
@@ -55,7 +56,8 @@ def nodebench(env, tmp_path, *args, background=False):
     if background:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_slurm_sweep_2_models_x_2_seeds(slurm_env, tmp_path):
@@ -95,8 +97,8 @@ def test_preempted_slurm_job_requeues_and_resumes(slurm_env, tmp_path):
         subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_env, check=True)
         # Slurm holds a requeued batch job back (begin time ~2 min later); let it start now
         for _ in range(100):
-            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=slurm_env,
-                                   capture_output=True, text=True).stdout.strip()
+            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False,
+                                   env=slurm_env, capture_output=True, text=True).stdout.strip()
             if state == "PENDING":
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                                env=slurm_env, check=True)
@@ -107,7 +109,7 @@ def test_preempted_slurm_job_requeues_and_resumes(slurm_env, tmp_path):
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.wait(30)
-            subprocess.run(["scancel", "--name=train"], env=slurm_env)
+            subprocess.run(["scancel", "--name=train"], check=False, env=slurm_env)
     assert proc.returncode == 0, out[-3000:]
     submitit_log = (sweep / ".submitit" / job_id / f"{job_id}_0_log.out").read_text()
     for line in ("Caught signal SIGUSR2", "this job is preempted", "Calling checkpoint method",
