@@ -70,7 +70,7 @@ def memory_scaling(results: Path, batch: int = 128, dataset: str = "mnist",
     df = pd.DataFrame(rows)
     df["batch"] = batch
     df["dataset"] = dataset
-    df.to_csv(results / "memory.csv", index=False, float_format="%.4f")
+    df.to_csv(results / "memory_data.csv", index=False, float_format="%.4f")
     plot_memory(df, results / "memory.png")
     return df
 

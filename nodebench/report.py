@@ -235,7 +235,7 @@ def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: s
              "Activation MiB: the largest number of bytes autograd saved for backward in one "
              "training step (parameters excluded, each storage once). NFE: mean per training "
              "iteration over the last epoch (forward solve; backward = adjoint solve).", ""]
-    mem_csv = results / "memory.csv"
+    mem_csv = results / "memory_data.csv"
     if mem_csv.exists():
         mem = pd.read_csv(mem_csv)
         s = slopes(mem)
@@ -252,15 +252,15 @@ def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: s
                   "![memory scaling](memory.png)", ""]
     nfe_stats = plot_nfe_training(df, results / "fig3cd.png")
     if not nfe_stats.empty:
-        view = _fmt_frame(nfe_stats, {c: ".2f" for c in nfe_stats.columns if "nfe" in c
-                                      or "ratio" in c})
+        view = _fmt_frame(nfe_stats, {c: ".2f" for c in nfe_stats.columns
+                                      if c.startswith(("nfe_", "ratio_"))})
         write_table(view, results / "nfe_training")
         lines += ["## Figure 3c/3d: NFE over training", "",
                   "Means over the first and the last 20 iterations. The paper states that "
                   "backward NFE is roughly half of forward NFE; with torchdiffeq's dopri5 and "
                   "its adjoint the measured ratio is the `ratio_backward_forward` column.", "",
                   to_markdown(view), "![NFE over training](fig3cd.png)", ""]
-    sweep_csv = results / "sweep.csv"
+    sweep_csv = results / "sweep_data.csv"
     if sweep_csv.exists():
         sw = pd.read_csv(sweep_csv)
         view = _fmt_frame(sw[["tol", "nfe_forward", "nfe_backward", "ratio_backward_forward",

@@ -105,7 +105,7 @@ def tolerance_sweep(run_dir: Path, results: Path, tols=(1e-1, 1e-2, 1e-3, 1e-4, 
     df = pd.DataFrame(rows)
     df["batch"] = batch
     df["run"] = Path(run_dir).name
-    df.to_csv(results / "sweep.csv", index=False, float_format="%.6g")
+    df.to_csv(results / "sweep_data.csv", index=False, float_format="%.6g")
     plot_sweep(df, results / "fig3ab.png")
     return df
 

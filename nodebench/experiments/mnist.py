@@ -24,7 +24,7 @@ MODELS = ("mlp", "resnet", "rknet", "odenet")
 PROFILES: dict[str, dict] = {
     "cpu": {
         "description": "CPU budget: MLP 10 epochs (no augmentation); ResNet 2 epochs on 60k; "
-                       "RK-Net and ODE-Net 1 epoch on 30k images at batch 32 (936 iterations; at batch 128 the "
+                       "RK-Net and ODE-Net 1 epoch on 30k images at batch 32 (937 iterations; at batch 128 the "
                        "234 iterations left RK-Net at 5.95% test error with SGD, 6.84% with Adam); "
                        "SGD (lr 0.1 x batch/128, momentum 0.9) with a per-step cosine decay",
         "common": ["dataset=mnist", "optim=sgd_cosine", "trainer.progress=true"],
