@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'runner ovh':>11} {'instr. ovh':>11}")
     for r in bench(a.models, a.batch, a.iters, rounds=a.rounds):
         print(f"{r['model']:8} {r['plain_s']:11.4f} {r['runner_s']:12.4f} {r['measured_s']:14.4f} "
-              f"{r['runner_overhead_%']:10.1f}% {r['instrument_overhead_%']:10.1f}%")
+              f"{r['runner_overhead_%']:10.1f}% {r['instrument_overhead_%']:10.1f}%", flush=True)
     print("targets: runner and instrument overheads each within 3%")
     return 0
 
