@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from . import folders, split_list
+
 TOY_TASKS = {  # task -> readout and models (Dupont et al. 2019, Sections 3-4, Figures 1, 3, 7-9)
     "g_1d": {"readout": "first", "models": ["node", "anode1", "resnet"]},
     "annulus": {"readout": "linear", "models": ["node", "anode1", "anode2", "anode5", "resnet"]},
@@ -267,10 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="results folder (default results/anode for cpu, results/anode-<profile>)")
     a = p.parse_args(argv)
     profile = PROFILES[a.profile]
-    experiment = f"anode-{a.profile}"
-    runs = Path(a.runs or f"runs/{experiment}")
-    results = Path(a.results or ("results/anode" if a.profile == "cpu" else f"results/{experiment}"))
-    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    experiment, runs, results = folders("anode", a.profile, a.runs, a.results)
+    stages = split_list(a.stages)
     unknown = set(stages) - {"toys", "images", "report"}
     if unknown:
         print(f"error: unknown stage(s) {', '.join(sorted(unknown))}", file=sys.stderr)

@@ -40,6 +40,7 @@ from ..expressivity import (
 )
 from ..instruments import NFECounter
 from ..solvers import Solver
+from . import folders, split_list
 
 # Weights N(0, sigma_w2 [/ fan-in]), biases N(0, sigma_b2): the seed's values.
 SIGMA_W2 = 2.0
@@ -564,10 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args(argv)
     profile = PROFILES[a.profile]
-    runs = Path(a.runs or f"runs/expressivity-{a.profile}")
-    results = Path(a.results or ("results/expressivity" if a.profile == "cpu"
-                                 else f"results/expressivity-{a.profile}"))
-    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    _, runs, results = folders("expressivity", a.profile, a.runs, a.results)
+    stages = split_list(a.stages)
     unknown = set(stages) - {"depth", "cells", "report"}
     if unknown:
         print(f"error: unknown stage(s) {', '.join(sorted(unknown))}", file=sys.stderr)

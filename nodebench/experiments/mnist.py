@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import folders, split_list
+
 MODELS = ("mlp", "resnet", "rknet", "odenet")
 
 PROFILES: dict[str, dict] = {
@@ -101,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="results folder (default results/mnist for cpu, results/mnist-<profile>)")
     a = p.parse_args(argv)
     profile = PROFILES[a.profile]
-    experiment = f"mnist-{a.profile}"
-    runs = Path(a.runs or f"runs/{experiment}")
-    results = Path(a.results or ("results/mnist" if a.profile == "cpu" else f"results/{experiment}"))
-    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    experiment, runs, results = folders("mnist", a.profile, a.runs, a.results)
+    stages = split_list(a.stages)
     unknown = set(stages) - {"train", "memory", "sweep", "report"}
     if unknown:
         print(f"error: unknown stage(s) {', '.join(sorted(unknown))}", file=sys.stderr)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results.mkdir(parents=True, exist_ok=True)
     if "train" in stages:
-        models = tuple(m.strip() for m in a.models.split(",") if m.strip())
+        models = tuple(split_list(a.models))
         if set(models) - set(MODELS):
             print(f"error: unknown model(s) in --models; choose from {', '.join(MODELS)}",
                   file=sys.stderr)

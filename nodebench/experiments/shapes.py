@@ -32,6 +32,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from . import folders, split_list
+
 SOLVERS = ("euler", "implicit_euler", "crank_nicolson")
 SOLVER_TITLES = {"euler": "Explicit Euler", "implicit_euler": "Implicit Euler",
                  "crank_nicolson": "Crank-Nicolson (implicit midpoint)"}
@@ -178,13 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = dict(PROFILES[a.profile])
     if a.jobs:
         profile["jobs"] = a.jobs
-    experiment = f"shapes-{a.profile}"
-    runs = Path(a.runs or f"runs/{experiment}")
-    results = Path(a.results or ("results/shapes" if a.profile == "cpu"
-                                 else f"results/{experiment}"))
-    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
-    studies = [s.strip() for s in a.studies.split(",") if s.strip()]
-    solvers = [s.strip() for s in a.solvers.split(",") if s.strip()]
+    experiment, runs, results = folders("shapes", a.profile, a.runs, a.results)
+    stages, studies, solvers = split_list(a.stages), split_list(a.studies), split_list(a.solvers)
     bad = ((set(stages) - {"train", "report"}) | (set(studies) - set(STUDIES))
            | (set(solvers) - set(SOLVERS)))
     if bad:
