@@ -53,9 +53,10 @@ adjoint iterations of a backward step together.
 
 **Iterations** are observable from outside the model through the module-level :data:`STATS`
 (:class:`IterationStats`): ``STATS.take()`` returns and resets
-``{"forward_iters", "forward_steps", "backward_iters", "backward_steps"}``. The trainer should call
-``STATS.take()`` after each training iteration (next to ``nfe.take``) and log
-``train/implicit_iters_forward`` and ``train/implicit_iters_backward`` (and the means per step).
+``{"forward_iters", "forward_steps", "backward_iters", "backward_steps"}``. The trainer calls
+``STATS.take()`` after each training iteration (next to ``nfe.take``) and logs the mean iterations
+per step as ``train/implicit_iters_forward`` / ``_backward`` (TensorBoard) and per epoch in
+``metrics.csv``; ``summary.json`` holds the run's totals (``implicit_iterations``).
 
 **Gradients** (:class:`nodebench.solvers.Gradient`):
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from . import config as C
 from .errors import ConfigError, SolverFailure, classify_solver_error
+from .implicit import STATS as IMPLICIT_STATS
 from .instruments import ActivationMeter, NFECounter, Stopwatch
 from .models.blocks import count_parameters
 
@@ -44,7 +45,8 @@ RESUMABLE_CHANGES = ("trainer.progress", "trainer.threads", "trainer.device", "t
                      "trainer.checkpoint", "trainer.log_every", "paths.data", "paths.runs")
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_error", "nfe_forward",
-                 "nfe_backward", "nfe_eval", "activation_mib", "cuda_max_mib", "iter_s",
+                 "nfe_backward", "nfe_eval", "implicit_iters_forward", "implicit_iters_backward",
+                 "activation_mib", "cuda_max_mib", "iter_s",
                  "epoch_time_s", "eval_time_s", "iterations"]
 
 
@@ -226,12 +228,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     log.info("%s: %s params on %s, %d train / %d test images", cfg.model.name, f"{params:,}",
              summary["device"], summary["train_size"], summary["test_size"])
     started = time.perf_counter()
+    run_iters = dict.fromkeys(IMPLICIT_STATS.KEYS, 0)  # this session's, training + evaluation
     try:
         for epoch in range(first_epoch, t.epochs + 1):
             model.train()
             clock = Stopwatch(device)
             sums = {"loss": 0.0, "wrong": 0, "seen": 0, "nfe_f": 0, "nfe_b": 0, "mem": 0.0,
                     "iter_s": 0.0}
+            epoch_iters = dict.fromkeys(IMPLICIT_STATS.KEYS, 0)
+            IMPLICIT_STATS.take()
             bar = tqdm(total=n_batches, desc=f"{cfg.model.name} epoch {epoch}/{t.epochs}",
                        disable=None if t.progress else True, leave=False, dynamic_ncols=True)
             for i, (x, y) in enumerate(data.train_batches(t.batch_size, gen)):
@@ -258,6 +263,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     scheduler.step()
                 iter_s = clock.lap()
                 nf, nb = nfe.take("forward"), nfe.take("backward")
+                its = IMPLICIT_STATS.take()  # fixed-point iterations of the implicit solvers
+                for key, value in its.items():
+                    epoch_iters[key] += value
+                    run_iters[key] += value
                 wrong = (logits.argmax(1) != y).sum().item()
                 sums["loss"] += loss_value * y.numel()
                 sums["wrong"] += wrong
@@ -274,6 +283,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     if nfe.active:
                         writer.add_scalar("train/nfe_forward", nf, step)
                         writer.add_scalar("train/nfe_backward", nb, step)
+                    for phase in ("forward", "backward"):
+                        if its[f"{phase}_steps"]:
+                            writer.add_scalar(f"train/implicit_iters_{phase}",
+                                              its[f"{phase}_iters"] / its[f"{phase}_steps"], step)
                     if measure_mem:
                         writer.add_scalar("memory/activation_mib", meter.last_mib, step)
                 bar.set_postfix(loss=f"{loss_value:.3f}", nfe=f"{nf}/{nb}", refresh=False)
@@ -286,12 +299,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             eval_clock = Stopwatch(device)
             test_error, nfe_eval = evaluate(model, data, t.eval_batch_size, nfe)
             eval_s = eval_clock.lap()
+            for key, value in IMPLICIT_STATS.take().items():  # evaluation: forward solves only
+                run_iters[key] += value
             row = {
                 "epoch": epoch, "lr": lr, "train_loss": sums["loss"] / max(sums["seen"], 1),
                 "train_error": 100.0 * sums["wrong"] / max(sums["seen"], 1),
                 "test_error": test_error,
                 "nfe_forward": sums["nfe_f"] / n_batches, "nfe_backward": sums["nfe_b"] / n_batches,
-                "nfe_eval": nfe_eval, "activation_mib": sums["mem"] if inst.memory else None,
+                "nfe_eval": nfe_eval,
+                "implicit_iters_forward": _per_step(epoch_iters, "forward"),
+                "implicit_iters_backward": _per_step(epoch_iters, "backward"),
+                "activation_mib": sums["mem"] if inst.memory else None,
                 "cuda_max_mib": meter.cuda_max_mib, "iter_s": train_time / n_batches,
                 "epoch_time_s": train_time, "eval_time_s": eval_s, "iterations": n_batches,
             }
@@ -326,6 +344,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         nfe.remove()
     summary.update(_final_metrics(rows))
+    summary["implicit_iterations"] = run_iters if any(run_iters.values()) else None
     summary["wall_time_s"] = time_before + time.perf_counter() - started
     summary["epochs_done"] = len(rows)
     if t.save_model and summary["status"] == "ok":
@@ -341,6 +360,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # finished (ok: never rerun; failed: rerun from scratch), so the checkpoint has done its job
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return summary
+
+
+def _per_step(counts: dict[str, int], phase: str) -> float | None:
+    """Mean fixed-point iterations per implicit step of ``phase``; None without implicit steps."""
+    steps = counts[f"{phase}_steps"]
+    return counts[f"{phase}_iters"] / steps if steps else None
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:

@@ -113,9 +113,15 @@ def test_driver_tiny_end_to_end(tmp_path):
         nfe_forward = float(rows[0]["nfe_forward"])
         if solver == "euler":
             assert stats["forward_iters"] == 0 and nfe_forward == 20.0  # 1 / 0.05 steps
+            assert rows[0]["implicit_iters_forward"] == "" and summary["implicit_iterations"] is None
         else:  # 2 training batches + 2 eval batches of 20 steps each
             assert stats["forward_steps"] == 4 * 20 and stats["backward_steps"] == 2 * 20
             assert nfe_forward * 2 + float(rows[0]["nfe_eval"]) * 2 == stats["forward_iters"]
+            # the trainer's per-epoch means: training forward solves only (no evaluation)
+            assert float(rows[0]["implicit_iters_forward"]) == nfe_forward / 20
+            assert float(rows[0]["implicit_iters_backward"]) == stats["backward_iters"] / 40
+            assert summary["implicit_iterations"] == {k: stats[k] for k in summary[
+                "implicit_iterations"]}
     table = (results / "single.md").read_text()
     assert "43.483%" in table and "Implicit Euler (ours)" in table and "tiny" in table
     assert (results / "accuracy_by_epoch.png").stat().st_size > 0
