@@ -46,6 +46,12 @@ reproduce-shapes: install ## explicit vs implicit Euler vs Crank-Nicolson on sha
 reproduce-expressivity: install ## trajectory length: FFN vs Neural ODE vs CT-RNN vs LTC (seed 000) -> results/expressivity*
 	$(PY) -m nodebench.experiments.expressivity --profile $(PROFILE)
 
+reproduce-dynamics: install ## learning dynamical systems with an ODE-Net (seed 001) -> results/dynamics*
+	$(PY) -m nodebench.experiments.dynamics --profile $(PROFILE)
+
+reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 -> results/latent*
+	$(PY) -m nodebench.experiments.latent --profile $(PROFILE)
+
 bench: install ## seconds per iteration: nodebench vs a hand-written loop, instruments on vs off
 	$(PY) -m nodebench.bench
 
