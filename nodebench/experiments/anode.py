@@ -52,13 +52,13 @@ IMAGE_COMMON = ["optim=adam", "trainer.batch_size=256", "solver.max_num_steps=10
 PROFILES: dict[str, dict] = {
     "cpu": {
         "description": "CPU budget: toys 20 epochs (paper 50, authors' config 30), 3 repeats "
-                       "(paper 20); MNIST 1 epoch on 1920 training images at batch 32 (60 "
-                       "iterations; at the paper's batch 256 this budget allows 8), tested "
+                       "(paper 20); MNIST 1 epoch on 960 training images at batch 32 (30 "
+                       "iterations; at the paper's batch 256 this budget allows 4), tested "
                        "on 500 images, 2 seeds (paper: 5 seeds, full data)",
         "toys": {"epochs": 20, "repeats": 3, "tasks": TOY_TASKS, "data": {}},
         "images": {"datasets": ["mnist"], "seeds": [0, 1],
                    "overrides": ["trainer.epochs=1", "trainer.batch_size=32",
-                                 "dataset.train_size=1920", "dataset.test_size=500",
+                                 "dataset.train_size=960", "dataset.test_size=500",
                                  "trainer.eval_batch_size=250", "trainer.threads=1"]},
     },
     "paper": {
