@@ -55,7 +55,7 @@ def study_table(study: str, runs: dict[str, dict | None]) -> str:
         for s in SOLVERS:
             r = runs.get(s)
             ours = (100.0 - float(r["rows"][e]["test_error"])) if r and e < len(r["rows"]) else None
-            seed = SEED_ACCURACY[study][s][e] if e < 5 else None
+            seed = SEED_ACCURACY[study][s][e] if e < 5 and study in SEED_ACCURACY else None
             cells += [_fmt(ours, ".3f") + ("%" if ours is not None else ""),
                       _fmt(seed, ".3f") + ("%" if seed is not None else "")]
         lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
@@ -116,7 +116,8 @@ def report_shapes(runs_dir: Path, results: Path, studies: list[str], profile: st
             for e, row in enumerate(r["rows"] if r else []):
                 csv_rows.append({"study": st, "solver": s, "epoch": e + 1,
                                  "test_accuracy": 100.0 - float(row["test_error"]),
-                                 "seed_accuracy": SEED_ACCURACY[st][s][e] if e < 5 else "",
+                                 "seed_accuracy": (SEED_ACCURACY[st][s][e]
+                                                   if e < 5 and st in SEED_ACCURACY else ""),
                                  "train_epoch_s": row["epoch_time_s"],
                                  "nfe_forward": row["nfe_forward"],
                                  "nfe_backward": row["nfe_backward"], "nfe_eval": row["nfe_eval"],
@@ -128,19 +129,25 @@ def report_shapes(runs_dir: Path, results: Path, studies: list[str], profile: st
         w.writeheader()
         w.writerows(csv_rows)
 
-    fig, axes = plt.subplots(1, len(studies), figsize=(4.2 * len(studies), 3.6), squeeze=False)
+    cols = min(3, len(studies))
+    rows_n = -(-len(studies) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.6 * rows_n), squeeze=False)
+    for ax in axes.flat[len(studies):]:
+        ax.set_visible(False)
     colors = {"euler": "tab:blue", "implicit_euler": "tab:orange", "crank_nicolson": "tab:green"}
-    for ax, st in zip(axes[0], studies):
+    for ax, st in zip(axes.flat, studies):
         for s in SOLVERS:
             r = loaded[st].get(s)
             if r and r["rows"]:
                 acc = [100.0 - float(row["test_error"]) for row in r["rows"]]
                 ax.plot(range(1, len(acc) + 1), acc, "o-", color=colors[s],
                         label=f"{SOLVER_TITLES[s]} (ours)")
-            ax.plot(range(1, 6), SEED_ACCURACY[st][s], "x--", color=colors[s], alpha=0.6,
-                    label=f"{SOLVER_TITLES[s]} (seed)")
+            if st in SEED_ACCURACY:
+                ax.plot(range(1, 6), SEED_ACCURACY[st][s], "x--", color=colors[s], alpha=0.6,
+                        label=f"{SOLVER_TITLES[s]} (seed)")
         ax.set_title(STUDIES[st]["title"].split(" (")[0], fontsize=9)
         ax.set_xlabel("epoch")
+        ax.set_xticks(range(1, 6))
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
