@@ -122,7 +122,11 @@ def test_driver_tiny_end_to_end(tmp_path):
             assert float(rows[0]["implicit_iters_backward"]) == stats["backward_iters"] / 40
             assert summary["implicit_iterations"] == {k: stats[k] for k in summary[
                 "implicit_iterations"]}
+    for solver in study.SOLVERS:  # the tiny profile's second seed: its own folder and seed
+        s1 = json.loads((runs / f"single_{solver}_s1" / "summary.json").read_text())
+        assert s1["status"] == "ok" and s1["config"]["seed"] == 1
     table = (results / "single.md").read_text()
     assert "43.483%" in table and "Implicit Euler (ours)" in table and "tiny" in table
+    assert "| runs | 2 ok |" in table and "% ± " in table and "seeds 0, 1" in table
     assert (results / "accuracy_by_epoch.png").stat().st_size > 0
     assert (results / "README.md").exists() and (results / "shapes.csv").exists()

@@ -89,6 +89,7 @@ PROFILES: dict[str, dict] = {
                    "trainer.threads=1"],
         "implicit": ["solver.options.tol=1e-3"],
         "scale_train": 1.0,
+        "seeds": [0, 1],
         "jobs": 2,
     },
     "paper": {
@@ -97,6 +98,7 @@ PROFILES: dict[str, dict] = {
         "common": ["model.width=64", "dataset.test_size=6000", "dataset.shape.size=28"],
         "implicit": [],
         "scale_train": 1.0,
+        "seeds": [0, 1, 2],
         "jobs": 1,
     },
     "tiny": {
@@ -107,20 +109,29 @@ PROFILES: dict[str, dict] = {
                    "trainer.eval_batch_size=30", "trainer.threads=1"],
         "implicit": ["solver.options.tol=1e-3"],
         "scale_train": 0.1,
+        "seeds": [0, 1],
         "jobs": 1,
     },
 }
 
 BASE = ["model=shapes_odenet", "optim=adam", "trainer.epochs=5", "trainer.batch_size=120",
         "trainer.eval_batch_size=300", "trainer.progress=false", "trainer.save_model=false",
-        "trainer.instruments.memory=false", "seed=0"]
+        "trainer.instruments.memory=false"]
 
 
-def job_overrides(profile: dict, study: str, solver: str, experiment: str) -> list[str]:
-    """The Hydra overrides of one run (later ones win)."""
+def run_name(study: str, solver: str, seed: int) -> str:
+    """Run folder name: ``<study>_<solver>`` for seed 0, ``<study>_<solver>_s<seed>`` else."""
+    return f"{study}_{solver}" + (f"_s{seed}" if seed else "")
+
+
+def job_overrides(profile: dict, study: str, solver: str, experiment: str,
+                  seed: int = 0) -> list[str]:
+    """The Hydra overrides of one run (later ones win). ``seed`` sets the initialisation and the
+    batch order; the images (``dataset.seed``) are the same for every seed."""
     s = STUDIES[study]
     train = max(24, round(s["train_size"] * profile["scale_train"]))
-    out = [*BASE, f"dataset={s['dataset']}", f"dataset.train_size={train}", f"solver={solver}",
+    out = [*BASE, f"seed={seed}", f"dataset={s['dataset']}", f"dataset.train_size={train}",
+           f"solver={solver}",
            f"solver.step_size={s['step']}", f"experiment={experiment}", *profile["common"]]
     if solver != "euler":
         out += profile["implicit"]
@@ -149,20 +160,20 @@ def _run_one(args: tuple[list[str], str]) -> dict:
 
 
 def stage_train(profile: dict, runs: Path, experiment: str, studies: list[str],
-                solvers: list[str]) -> None:
-    """The runs of ``studies`` x ``solvers`` (each replaces its previous run directory); the
-    costliest first so that parallel workers finish together."""
+                solvers: list[str], seeds: list[int]) -> None:
+    """The runs of ``seeds`` x ``studies`` x ``solvers`` (each replaces its previous run
+    directory); in parallel, the costliest first so that the workers finish together."""
     cost = {"euler": 1, "implicit_euler": 5, "crank_nicolson": 4}
-    jobs = [(study, solver) for study in studies for solver in solvers]
-    for st, so in jobs:
-        if (runs / f"{st}_{so}").exists():
-            print(f"[shapes] removing previous run {runs / f'{st}_{so}'}")
-            shutil.rmtree(runs / f"{st}_{so}")
-    if profile["jobs"] > 1:  # otherwise study by study, so a stopped run leaves whole studies
+    jobs = [(study, solver, seed) for seed in seeds for study in studies for solver in solvers]
+    for st, so, se in jobs:
+        if (runs / run_name(st, so, se)).exists():
+            print(f"[shapes] removing previous run {runs / run_name(st, so, se)}")
+            shutil.rmtree(runs / run_name(st, so, se))
+    if profile["jobs"] > 1:  # otherwise seed by seed and study by study (whole studies first)
         jobs.sort(key=lambda j: -cost[j[1]] * STUDIES[j[0]]["train_size"]
                   / STUDIES[j[0]]["step"] ** 0.6)
-    work = [(job_overrides(profile, st, so, experiment), str(runs / f"{st}_{so}"))
-            for st, so in jobs]
+    work = [(job_overrides(profile, st, so, experiment, se), str(runs / run_name(st, so, se)))
+            for st, so, se in jobs]
     if profile["jobs"] == 1:
         for item in work:
             _run_one(item)
@@ -179,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--studies", default=",".join(STUDIES))
     p.add_argument("--solvers", default=",".join(SOLVERS), help="train only these (the report "
                    "always shows all three)")
+    p.add_argument("--seeds", default=None, help="seeds to train, e.g. 1 or 0,1 (default: the "
+                   "profile's; the report shows every seed found on disk)")
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: profile's)")
     p.add_argument("--note", default="", help="a sentence for the tables' budget line "
                    "(e.g. what else ran on the machine)")
@@ -196,9 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: unknown stage(s)/study(ies) {', '.join(sorted(bad))}", file=sys.stderr)
         return 2
+    try:
+        seeds = [int(x) for x in split_list(a.seeds)] if a.seeds else profile["seeds"]
+    except ValueError:
+        print(f"error: --seeds must be integers, got {a.seeds!r}", file=sys.stderr)
+        return 2
     started = time.time()
     if "train" in stages:
-        stage_train(profile, runs, experiment, studies, solvers)
+        stage_train(profile, runs, experiment, studies, solvers, seeds)
     if "report" in stages:
         from .shapes_report import report_shapes
 

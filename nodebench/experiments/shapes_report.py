@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
-from .shapes import SEED_ACCURACY, SEED_EPOCH_S, SOLVER_TITLES, SOLVERS, STUDIES
+from .shapes import SEED_ACCURACY, SEED_EPOCH_S, SOLVER_TITLES, SOLVERS, STUDIES, run_name
 
 
 def _load(run_dir: Path) -> dict | None:
@@ -44,37 +45,68 @@ def _iters(stats: dict, phase: str) -> float | None:
     return stats[f"{phase}_iters"] / steps if steps else None
 
 
-def study_table(study: str, runs: dict[str, dict | None]) -> str:
-    """Markdown table in the seed's layout (epochs down, solvers across), ours | seed."""
+def _mean_std(values: list[float], spec: str, unit: str = "") -> str:
+    """``m`` for one value, ``m ± s (n)`` (sample std) for several, ``-`` for none."""
+    if not values:
+        return "-"
+    m = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{m:{spec}}{unit}"
+    return f"{m:{spec}}{unit} ± {statistics.stdev(values):{spec}} ({len(values)})"
+
+
+def load_runs(runs_dir: Path, study: str, solver: str) -> list[dict]:
+    """Every seed's run of ``study`` x ``solver`` found on disk, by seed (see ``run_name``)."""
+    found = {}
+    base = run_name(study, solver, 0)
+    for d in runs_dir.glob(f"{base}*"):
+        tail = d.name[len(base):]
+        if tail and not (tail.startswith("_s") and tail[2:].isdigit()):
+            continue
+        r = _load(d)
+        if r:
+            found[int(tail[2:]) if tail else 0] = r
+    return [found[k] for k in sorted(found)]
+
+
+def study_table(study: str, runs: dict[str, list[dict]]) -> str:
+    """Markdown table in the seed's layout (epochs down, solvers across), ours | seed; ours is
+    the mean ± std over the seeds that reached that epoch (their count in brackets)."""
     head = "| epoch | " + " | ".join(f"{SOLVER_TITLES[s]} (ours) | (seed)" for s in SOLVERS) + " |"
     sep = "| --- |" + " --- | --- |" * len(SOLVERS)
     lines = [head, sep]
-    n_epochs = max([len(r["rows"]) for r in runs.values() if r] + [5])
+    n_epochs = max([len(r["rows"]) for rs in runs.values() for r in rs] + [5])
     for e in range(n_epochs):
         cells = []
         for s in SOLVERS:
-            r = runs.get(s)
-            ours = (100.0 - float(r["rows"][e]["test_error"])) if r and e < len(r["rows"]) else None
+            acc = [100.0 - float(r["rows"][e]["test_error"]) for r in runs.get(s, [])
+                   if e < len(r["rows"])]
             seed = SEED_ACCURACY[study][s][e] if e < 5 and study in SEED_ACCURACY else None
-            cells += [_fmt(ours, ".3f") + ("%" if ours is not None else ""),
+            cells += [_mean_std(acc, ".3f", "%"),
                       _fmt(seed, ".3f") + ("%" if seed is not None else "")]
         lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
 
-    def extra(label: str, ours_of, seed_of=lambda s: None) -> None:
+    def extra(label: str, value_of, seed_of=lambda s: None, spec: str = ".1f") -> None:
         cells = []
         for s in SOLVERS:
-            r = runs.get(s)
-            cells += [ours_of(r) if r else "-", seed_of(s) or "-"]
+            values = [v for v in (value_of(r) for r in runs.get(s, [])) if v is not None]
+            cells += [_mean_std(values, spec), seed_of(s) or "-"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    extra("train s/epoch", lambda r: _fmt(r["summary"].get("epoch_time_s"), ".1f"),
+    extra("train s/epoch", lambda r: r["summary"].get("epoch_time_s"),
           lambda s: _fmt(SEED_EPOCH_S[study].get(s), "d") if s in SEED_EPOCH_S[study] else None)
-    extra("NFE/batch fwd", lambda r: _fmt(r["summary"].get("nfe_forward"), ".1f"))
-    extra("NFE/batch bwd", lambda r: _fmt(r["summary"].get("nfe_backward"), ".1f"))
-    extra("iters/step fwd", lambda r: _fmt(_iters(r["stats"], "forward"), ".2f"))
-    extra("iters/step bwd", lambda r: _fmt(_iters(r["stats"], "backward"), ".2f"))
-    extra("status", lambda r: r["summary"]["status"] + (f" ({r['summary']['error']})"
-                                                        if r["summary"].get("error") else ""))
+    extra("NFE/batch fwd", lambda r: r["summary"].get("nfe_forward"))
+    extra("NFE/batch bwd", lambda r: r["summary"].get("nfe_backward"))
+    extra("iters/step fwd", lambda r: _iters(r["stats"], "forward"), spec=".2f")
+    extra("iters/step bwd", lambda r: _iters(r["stats"], "backward"), spec=".2f")
+    cells = []
+    for s in SOLVERS:
+        statuses = [r["summary"]["status"] + (f" ({r['summary']['error']})"
+                                              if r["summary"].get("error") else "")
+                    for r in runs.get(s, [])]
+        counts = {st: statuses.count(st) for st in dict.fromkeys(statuses)}
+        cells += [", ".join(f"{n} {st}" for st, n in counts.items()) or "-", "-"]
+    lines.append("| runs | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -86,45 +118,48 @@ def report_shapes(runs_dir: Path, results: Path, studies: list[str], profile: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loaded = {st: {s: _load(runs_dir / f"{st}_{s}") for s in SOLVERS} for st in studies}
-    any_run = next((r for st in loaded.values() for r in st.values()
-                    if r and "device" in r["summary"]), None)
+    loaded = {st: {s: load_runs(runs_dir, st, s) for s in SOLVERS} for st in studies}
+    every = [r for st in loaded.values() for rs in st.values() for r in rs]
+    any_run = next((r for r in every if "device" in r["summary"]), None)
     device = any_run["summary"]["device"] if any_run else "-"
-    total_wall = sum(json.loads((runs_dir / f"{st}_{s}" / "implicit_stats.json").read_text())
-                     ["wall_s"] for st in studies for s in SOLVERS
-                     if (runs_dir / f"{st}_{s}" / "implicit_stats.json").exists())
+    total_wall = sum(r["stats"].get("wall_s", 0.0) for r in every)
+    seeds = sorted({r["summary"]["config"]["seed"] for r in every if "config" in r["summary"]})
     budget = (f"Profile `{profile}`: {description}. Adam lr 1e-3, batches 120 (train) / 300 "
-              f"(test), adjoint gradients, seed 0, 1 repeat. Device: {device}. Sum of run wall "
-              f"times {total_wall / 60:.1f} min; this driver call {wall_s / 60:.1f} min.")
+              f"(test), adjoint gradients, seeds {', '.join(map(str, seeds)) or '-'} "
+              f"(initialisation and batch order; the same images for every seed). Device: "
+              f"{device}. Sum of run wall times {total_wall / 60:.1f} min; this driver call "
+              f"{wall_s / 60:.1f} min.")
     csv_rows = []
     sections = []
     for st in studies:
         runs = loaded[st]
-        cfg = next((r["summary"]["config"] for r in runs.values()
-                    if r and "config" in r["summary"]), None)
+        cfg = next((r["summary"]["config"] for rs in runs.values() for r in rs
+                    if "config" in r["summary"]), None)
         sizes = (f"{cfg['dataset']['name']}, {cfg['dataset']['train_size']} training / "
                  f"{cfg['dataset']['test_size']} test images of {cfg['dataset']['shape']['size']}"
                  f"x{cfg['dataset']['shape']['size']}, step {cfg['solver']['step_size']}, "
                  f"{cfg['trainer']['epochs']} epochs" if cfg else "no runs")
         table = study_table(st, runs)
-        text = (f"## {STUDIES[st]['title']}\n\nTest accuracy by epoch, ours (measured) beside the "
-                f"seed's (copied from seed 004). {sizes}. {budget}\n\n{table}\n")
+        text = (f"## {STUDIES[st]['title']}\n\nTest accuracy by epoch, ours (measured: mean ± "
+                f"std over seeds, their count in brackets) beside the seed's (copied from seed "
+                f"004, single runs). {sizes}. {budget}\n\n{table}\n")
         (results / f"{st}.md").write_text(text)
         sections.append(text)
         for s in SOLVERS:
-            r = runs.get(s)
-            for e, row in enumerate(r["rows"] if r else []):
-                csv_rows.append({"study": st, "solver": s, "epoch": e + 1,
-                                 "test_accuracy": 100.0 - float(row["test_error"]),
-                                 "seed_accuracy": (SEED_ACCURACY[st][s][e]
-                                                   if e < 5 and st in SEED_ACCURACY else ""),
-                                 "train_epoch_s": row["epoch_time_s"],
-                                 "nfe_forward": row["nfe_forward"],
-                                 "nfe_backward": row["nfe_backward"], "nfe_eval": row["nfe_eval"],
-                                 "status": r["summary"]["status"]})
+            for r in runs.get(s, []):
+                for e, row in enumerate(r["rows"]):
+                    csv_rows.append({
+                        "study": st, "solver": s,
+                        "seed": r["summary"].get("config", {}).get("seed", ""), "epoch": e + 1,
+                        "test_accuracy": 100.0 - float(row["test_error"]),
+                        "seed_accuracy": (SEED_ACCURACY[st][s][e]
+                                          if e < 5 and st in SEED_ACCURACY else ""),
+                        "train_epoch_s": row["epoch_time_s"], "nfe_forward": row["nfe_forward"],
+                        "nfe_backward": row["nfe_backward"], "nfe_eval": row["nfe_eval"],
+                        "status": r["summary"]["status"]})
     with open(results / "shapes.csv", "w", newline="") as fh:
-        fields = ["study", "solver", "epoch", "test_accuracy", "seed_accuracy", "train_epoch_s",
-                  "nfe_forward", "nfe_backward", "nfe_eval", "status"]
+        fields = ["study", "solver", "seed", "epoch", "test_accuracy", "seed_accuracy",
+                  "train_epoch_s", "nfe_forward", "nfe_backward", "nfe_eval", "status"]
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(csv_rows)
@@ -137,9 +172,14 @@ def report_shapes(runs_dir: Path, results: Path, studies: list[str], profile: st
     colors = {"euler": "tab:blue", "implicit_euler": "tab:orange", "crank_nicolson": "tab:green"}
     for ax, st in zip(axes.flat, studies):
         for s in SOLVERS:
-            r = loaded[st].get(s)
-            if r and r["rows"]:
-                acc = [100.0 - float(row["test_error"]) for row in r["rows"]]
+            rs = [r for r in loaded[st].get(s, []) if r["rows"]]
+            if rs:
+                n = min(len(r["rows"]) for r in rs)
+                accs = [[100.0 - float(row["test_error"]) for row in r["rows"][:n]] for r in rs]
+                acc = [statistics.fmean(col) for col in zip(*accs)]
+                if len(rs) > 1:
+                    ax.fill_between(range(1, n + 1), [min(c) for c in zip(*accs)],
+                                    [max(c) for c in zip(*accs)], color=colors[s], alpha=0.15)
                 ax.plot(range(1, len(acc) + 1), acc, "o-", color=colors[s],
                         label=f"{SOLVER_TITLES[s]} (ours)")
             if st in SEED_ACCURACY:
@@ -152,7 +192,8 @@ def report_shapes(runs_dir: Path, results: Path, studies: list[str], profile: st
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"Seed 004 shapes study, profile {profile}: ours solid, seed dashed", fontsize=9)
+    fig.suptitle(f"Seed 004 shapes study, profile {profile}: ours solid (mean over seeds, band "
+                 "min..max), seed dashed", fontsize=9)
     fig.tight_layout()
     fig.savefig(results / "accuracy_by_epoch.png", dpi=120)
     plt.close(fig)
