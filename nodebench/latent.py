@@ -44,8 +44,9 @@ MODELS = ("rnn", "rnn_dt", "latent_ode")
 @dataclass(frozen=True)
 class SpiralConfig:
     """The spiral data set. Defaults: the sizes of the paper (1000 spirals, 100 window steps, 100
-    extrapolation steps) and nodebench's choices for what it leaves open (noise 0.1, speed,
-    radii).
+    extrapolation steps) and nodebench's choices for what it leaves open: noise std 0.1, half a
+    turn per window (so half a turn more to extrapolate), start radius 0.5 to 1.5, radius
+    growth 0.1 per radian, 800 train / 200 test.
 
     Each spiral is ``r(t) = r0 + growth * omega * t``, ``phi(t) = phi0 + s * omega * t``
     (an Archimedean spiral, r = r0 + growth * angle turned) with ``s = +1`` (counter-clockwise)
@@ -58,7 +59,7 @@ class SpiralConfig:
     n_window: int = 100
     n_extrap: int = 100
     dt: float = 0.05
-    turns: float = 0.75
+    turns: float = 0.5
     r_min: float = 0.5
     r_max: float = 1.5
     growth: float = 0.1
