@@ -52,6 +52,7 @@ and ``deep`` 2-150-50-50-2 (10,652 parameters).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -124,7 +125,7 @@ def nn_field_weights(seed: int = 0) -> list[torch.Tensor]:
     """Weights (out, in) of the 2-25-50-10-2 field, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for fan_in, fan_out in zip(NN_FIELD_WIDTHS[:-1], NN_FIELD_WIDTHS[1:]):
+    for fan_in, fan_out in itertools.pairwise(NN_FIELD_WIDTHS):
         bound = 1.0 / math.sqrt(fan_in)
         out.append((torch.rand(fan_out, fan_in, generator=gen, dtype=F64) * 2 - 1) * bound)
     return out
@@ -270,7 +271,7 @@ class ODEFunc(Dynamics):
         super().__init__()
         widths = (dim, *hidden, dim)
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(a, b))
             if i < len(widths) - 2:
                 layers.append(nn.Tanh())

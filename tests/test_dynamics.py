@@ -3,6 +3,8 @@ the driver (train + report), all on CPU in seconds."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 
@@ -29,6 +31,13 @@ from nodebench.solvers import Gradient, Solver, odesolve
 F64 = torch.float64
 
 
+@functools.cache
+def _system(name: str, points: int):
+    """Systems are read-only here: build each (name, points) once (the nonlinear ones cost a
+    tight dopri5 solve)."""
+    return make_system(name, points=points)
+
+
 # --- linear systems: the matrix exponential ---------------------------------------------------
 
 EXPECTED_A = {
@@ -41,7 +50,7 @@ EXPECTED_A = {
 
 @pytest.mark.parametrize("name", ["spiral", "random_matrix", "lotka_volterra"])
 def test_linear_generator_is_the_matrix_exponential(name):
-    s = make_system(name, points=101)
+    s = _system(name, 101)
     assert s.A is not None and torch.equal(s.A, torch.tensor(EXPECTED_A[name], dtype=F64))
     assert s.y.dtype == F64 and s.y.shape == (101, 2)
     assert s.y0.tolist() == list(SYSTEMS[name]["y0"])
@@ -49,16 +58,20 @@ def test_linear_generator_is_the_matrix_exponential(name):
     for k in (0, 1, 37, 100):  # one matrix exponential per point, row vector on the left
         expected = s.y0 @ torch.linalg.matrix_exp(s.A * (s.t[k] - s.t[0]))
         torch.testing.assert_close(s.y[k], expected, rtol=1e-12, atol=1e-12)
-    # the field is dy/dt = y A (not A y): a tight dopri5 solve of it gives the same trajectory
-    with torch.no_grad():
-        solved = odesolve(s.field, s.y0[None], s.t, Solver("dopri5", rtol=1e-10, atol=1e-10),
-                          Gradient("direct"))[:, 0]
-    scale = float(s.y.abs().max())
-    torch.testing.assert_close(solved, s.y, rtol=0, atol=1e-7 * scale)
+    # the field is dy/dt = y A (a row vector times A, not A y) and the closed form solves it:
+    # its central difference in time equals the field at every tested point
+    h = 1e-5
+    for k in (3, 50, 97):
+        tk, yk = s.t[k], s.y[k : k + 1]
+        ahead = s.y0 @ torch.linalg.matrix_exp(s.A * (tk + h - s.t[0]))
+        behind = s.y0 @ torch.linalg.matrix_exp(s.A * (tk - h - s.t[0]))
+        slope = (ahead - behind)[None] / (2 * h)
+        torch.testing.assert_close(slope, s.field(tk, yk), rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(s.field(tk, yk), yk @ s.A)
 
 
 def test_lotka_volterra_is_the_seeds_linear_centre():
-    s = make_system("lotka_volterra", points=11)
+    s = _system("lotka_volterra", 11)
     eig = torch.linalg.eigvals(s.A)
     assert eig.real.abs().max() < 1e-12
     assert sorted(eig.imag.tolist()) == pytest.approx([-math.sqrt(4.5), math.sqrt(4.5)])
@@ -73,7 +86,7 @@ def _rk4(func, y0, t, substeps):
     """Classical rk4 with ``substeps`` equal steps between consecutive grid points."""
     out = [y0]
     y = y0
-    for a, b in zip(t[:-1], t[1:]):
+    for a, b in itertools.pairwise(t):
         h = (b - a) / substeps
         for i in range(substeps):
             s = a + i * h
@@ -88,10 +101,10 @@ def _rk4(func, y0, t, substeps):
 
 @pytest.mark.parametrize("name", ["nonlinear", "nn_field"])
 def test_nonlinear_generator_matches_fine_rk4(name):
-    s = make_system(name, points=121)
-    assert s.A is None and s.y.shape == (121, 2)
+    s = _system(name, 61)
+    assert s.A is None and s.y.shape == (61, 2)
     with torch.no_grad():
-        ref = _rk4(s.field, s.y0[None], s.t, substeps=16)[:, 0]  # h = 0.013 (0.016 for nn_field)
+        ref = _rk4(s.field, s.y0[None], s.t, substeps=32)[:, 0]  # h = 0.013 (0.016 for nn_field)
     torch.testing.assert_close(s.y, ref, rtol=0, atol=1e-7)
 
 
@@ -106,7 +119,7 @@ def test_gated_field_is_the_seeds_linear_layers():
     y = torch.randn(7, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     s = (y * c).sum(1, keepdim=True)
     expected = torch.sigmoid(s) * la(y - c) + torch.sigmoid(-s) * lb(y + c)
-    field = make_system("nonlinear", points=5).field
+    field = _system("nonlinear", 61).field
     assert isinstance(field, GatedField)
     torch.testing.assert_close(field(torch.tensor(0.0), y), expected, rtol=1e-14, atol=1e-14)
 
@@ -127,14 +140,14 @@ def test_nn_field_is_a_bias_free_elu_mlp_of_y_times_t():
         x = nn.functional.elu(layer(x))
     field = MLPField(weights)
     torch.testing.assert_close(field(t, y), x, rtol=1e-14, atol=1e-14)
-    s = make_system("nn_field", points=5)
+    s = _system("nn_field", 61)
     assert s.t[0].item() == -15.0 and s.t[-1].item() == 15.0 and s.y0.tolist() == [1.0, 1.0]
 
 
 # --- sampling and split -------------------------------------------------------------------
 
 def test_irregular_sampling_is_deterministic_and_keeps_the_fraction():
-    s = make_system("spiral", points=1000)
+    s = _system("spiral", 1000)
     assert torch.equal(s.observed("regular"), torch.arange(1000))
     a = s.observed("irregular", keep=0.5, seed=3)
     assert torch.equal(a, s.observed("irregular", keep=0.5, seed=3))
@@ -149,10 +162,10 @@ def test_irregular_sampling_is_deterministic_and_keeps_the_fraction():
 
 
 def test_train_window_is_the_first_fraction_of_the_time_range():
-    s = make_system("spiral", points=1000)  # t_k = 25 k / 999 <= 18.75  <=>  k <= 749
+    s = _system("spiral", 1000)  # t_k = 25 k / 999 <= 18.75  <=>  k <= 749
     assert s.train_end(0.75) == 750
     assert s.train_end(1.0) == 1000
-    n = make_system("nn_field", points=61)  # t in [-15, 15], step 0.5: t <= 7.5 -> 46 points
+    n = _system("nn_field", 61)  # t in [-15, 15], step 0.5: t <= 7.5 -> 46 points
     assert n.train_end(0.75) == 46
 
 
@@ -180,7 +193,7 @@ def test_parameter_counts_and_initialisation():
     assert [m.out_features for m in deep.net if isinstance(m, nn.Linear)] == [150, 50, 50, 2]
     assert sum(isinstance(m, nn.Tanh) for m in deep.net) == 3
     assert isinstance(small, Dynamics)
-    assert all(float(m.bias.abs().max()) == 0 for m in deep.net if isinstance(m, nn.Linear))
+    assert all(not m.bias.detach().any() for m in deep.net if isinstance(m, nn.Linear))
     assert set(NETWORKS) == {"small", "deep"}
     with pytest.raises(KeyError):
         make_network("huge")
@@ -203,7 +216,7 @@ def test_solver_failure_ends_the_run_with_its_reason(tmp_path):
     s = driver.fit_system(make_system("spiral", points=40), "small", "regular", 0, profile,
                           tmp_path / "run")
     assert s["status"] == "failed" and "max_num_steps exceeded" in s["error"]
-    assert s["failed_at_iteration"] == 1 and s["iterations"] == 0
+    assert s["failed_at_iteration"] == 1 and s["iterations"] == 0 and s["failed_in"] == "training"
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["status"] == "failed"
     assert torch.load(tmp_path / "run" / "trajectory.pt")["pred"] is None
@@ -250,6 +263,7 @@ def test_tiny_driver_end_to_end(tmp_path, capsys):
                 and "claim" in line]
     assert len(verdicts) == 3 * 2  # spiral (small), nn_field small and deep, x 2 samplings
     assert all(("**reproduces**" in v) or ("NOT reproduce" in v) or ("undecided" in v)
+               or ("partly reproduces" in v)
                for v in verdicts)
     # the report alone rebuilds the same tables from the run folders
     before = (results / "dynamics.md").read_text()
