@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import shutil
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import folders, split_list
+from . import folders, measured_step, split_list
 
 TOY_TASKS = {  # task -> readout and models (Dupont et al. 2019, Sections 3-4, Figures 1, 3, 7-9)
     "g_1d": {"readout": "first", "models": ["node", "anode1", "resnet"]},
@@ -105,7 +104,7 @@ def fit_toy(task: str, model_name: str, seed: int, epochs: int, run_dir: Path,
     A numerical failure (max_num_steps exceeded, underflow in dt, non-finite loss) ends the run
     with ``status: failed``; its history up to that point is kept.
     """
-    from ..errors import SolverFailure, classify_solver_error
+    from ..errors import classify_solver_error
     from ..instruments import NFECounter, Stopwatch
     from ..solvers import Gradient, Solver
     from ..toys import TOY_DATASETS, TOY_MODELS
@@ -130,17 +129,11 @@ def fit_toy(task: str, model_name: str, seed: int, epochs: int, run_dir: Path,
     try:
         for epoch in range(1, epochs + 1):
             for x, y in data.batches(training["batch_size"], gen):
-                with nfe.phase_("forward"):
-                    loss = loss_fn(model(x), y)
-                if not math.isfinite(loss.item()):
-                    raise SolverFailure(f"non-finite loss at iteration {len(history) + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                with nfe.phase_("backward"):
-                    loss.backward()
-                optimizer.step()
+                value, nf, nb = measured_step(lambda a, b: loss_fn(model(a), b), optimizer, nfe,
+                                              f"iteration {len(history) + 1}", x, y)
                 history.append({"iteration": len(history) + 1, "epoch": epoch,
-                                "loss": loss.item(), "nfe_forward": nfe.take("forward"),
-                                "nfe_backward": nfe.take("backward"), "seconds": clock.lap()})
+                                "loss": value, "nfe_forward": nf,
+                                "nfe_backward": nb, "seconds": clock.lap()})
         summary["status"] = "ok"
     except Exception as exc:
         reason = classify_solver_error(exc)

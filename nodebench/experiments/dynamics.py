@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import folders, split_list
+from . import folders, measured_step, split_list
 
 SAMPLINGS = ("regular", "irregular")
 
@@ -152,22 +152,19 @@ def fit_system(system, network: str, sampling: str, seed: int, profile: dict,
     started = time.perf_counter()
     cpu_started = time.process_time()
     try:
+        def compute_loss(y0b, union, pos, target):
+            out = odesolve(func, y0b, union.float() * dt, solver, gradient)  # (U, B, 2)
+            out = out[pos, torch.arange(pos.shape[0])[:, None]]  # (B, T, 2)
+            return loss_fn(out, target)
+
         for it in range(1, profile["iterations"] + 1):
             tic = time.perf_counter()
             y0b, union, pos, target = _batch(obs_train, y, batch_time, profile["batch_size"], gen)
-            with nfe.phase_("forward"):
-                out = odesolve(func, y0b, union.float() * dt, solver, gradient)  # (U, B, 2)
-                out = out[pos, torch.arange(pos.shape[0])[:, None]]  # (B, T, 2)
-                loss = loss_fn(out, target)
-            if not math.isfinite(loss.item()):
-                raise SolverFailure(f"non-finite loss at iteration {it}")
-            optimizer.zero_grad(set_to_none=True)
-            with nfe.phase_("backward"):
-                loss.backward()
-            optimizer.step()
-            history.append({"iteration": it, "loss": loss.item(),
-                            "nfe_forward": nfe.take("forward"),
-                            "nfe_backward": nfe.take("backward"),
+            value, nf, nb = measured_step(compute_loss, optimizer, nfe, f"iteration {it}",
+                                          y0b, union, pos, target)
+            history.append({"iteration": it, "loss": value,
+                            "nfe_forward": nf,
+                            "nfe_backward": nb,
                             "seconds": time.perf_counter() - tic})
             every = profile.get("eval_every") or 0
             if every and it % every == 0 and it < profile["iterations"]:

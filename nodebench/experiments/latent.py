@@ -49,7 +49,7 @@ from ..latent import (
     rmse,
 )
 from ..solvers import Gradient, Solver
-from . import folders, split_list
+from . import folders, measured_step, split_list
 
 NAME = "latent"
 STAGES = ("train", "report")
@@ -187,20 +187,14 @@ def train_one(profile: dict, model: str, n: int, seed: int, run_dir: Path) -> di
             rows_b = perm[pos:pos + batch]
             pos += batch
             net.train()
-            with counter.phase_("forward"):
-                loss, logged = _loss(net, obs[rows_b], grid, profile["obs_std"])
-            if not math.isfinite(logged):
-                raise SolverFailure(f"non-finite loss at iteration {it}")
-            opt.zero_grad()
-            with counter.phase_("backward"):
-                loss.backward()
-            opt.step()
+            logged, nf, nb = measured_step(_loss, opt, counter, f"iteration {it}", net,
+                                           obs[rows_b], grid, profile["obs_std"])
             if sched is not None:
                 sched.step()
             summary["iterations"] = it
             window.append(logged)
-            nfe_f.append(counter.take("forward"))
-            nfe_b.append(counter.take("backward"))
+            nfe_f.append(nf)
+            nfe_b.append(nb)
             row = None
             if it % profile["log_every"] == 0 or it == iterations:
                 row = {"iteration": it, "loss": sum(window) / len(window),
