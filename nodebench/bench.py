@@ -14,6 +14,7 @@ test: it prints what it measures on the machine it runs on.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -104,9 +105,9 @@ def bench(models=("resnet", "rknet", "odenet"), batch: int = 128, iters: int = 5
         nfe, meter = NFECounter(model), ActivationMeter(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # lr 0: NFE stays put
         variants = {
-            "plain": lambda: _plain_step(plain, opt, x, y),
-            "runner": lambda: _runner_step(model, opt, x, y, nfe, meter, False),
-            "measured": lambda: _runner_step(model, opt, x, y, nfe, meter, True),
+            "plain": functools.partial(_plain_step, plain, opt, x, y),
+            "runner": functools.partial(_runner_step, model, opt, x, y, nfe, meter, False),
+            "measured": functools.partial(_runner_step, model, opt, x, y, nfe, meter, True),
         }
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(rounds):            # interleave the variants to share machine noise

@@ -35,7 +35,7 @@ def one_line(exc: BaseException) -> str:
     parts: list[str] = []
     options: list[str] = []
     for line in str(exc).splitlines():
-        if line.startswith("\t") or line.startswith("    "):
+        if line.startswith(("\t", "    ")):
             options.append(line.strip())
         elif line.strip() and not line.startswith(("full_key", "object_type", "Set the env")):
             if options:
@@ -129,8 +129,8 @@ def build_model(cfg: DictConfig, in_channels: int, image_size: int,
     node = OmegaConf.to_container(_get(cfg, "model"), resolve=True)
     node.pop("name", None)
     node.pop("gradient", None)
-    kwargs: dict[str, Any] = dict(in_channels=in_channels, image_size=image_size,
-                                  num_classes=num_classes)
+    kwargs: dict[str, Any] = {"in_channels": in_channels, "image_size": image_size,
+                              "num_classes": num_classes}
     if is_ode_model(cfg):
         kwargs.update(solver=build_solver(cfg), gradient=build_gradient(cfg))
     target = node.pop("_target_", None)

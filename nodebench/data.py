@@ -17,9 +17,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class TensorDataset:
     augment: bool = False
     pad: int = 4
 
-    def to(self, device: torch.device) -> "TensorDataset":
+    def to(self, device: torch.device) -> TensorDataset:
         for key in ("train_x", "train_y", "test_x", "test_y"):
             setattr(self, key, getattr(self, key).to(device))
         return self
@@ -185,8 +185,8 @@ def synthetic(train_size: int = 512, test_size: int = 256, image_size: int = 28,
         jitter = torch.randint(-2, 3, (n, 2), generator=g)
         for i in range(n):
             k = int(y[i])
-            r = int(round((k // grid) * cell)) + int(jitter[i, 0])
-            c = int(round((k % grid) * cell)) + int(jitter[i, 1])
+            r = round((k // grid) * cell) + int(jitter[i, 0])  # cell is a float: round() -> int
+            c = round((k % grid) * cell) + int(jitter[i, 1])
             r = min(max(r, 0), image_size - 6)
             c = min(max(c, 0), image_size - 6)
             x[i, :, r:r + 6, c:c + 6] = 255

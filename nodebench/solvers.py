@@ -10,8 +10,9 @@ interval when a fixed-step method is given no step size; here both are errors.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchdiffeq
@@ -92,10 +93,10 @@ class Solver:
             if self.step_size is not None:
                 raise ConfigError(f"solver.step_size applies to fixed-step methods, not to "
                                   f"adaptive {self.method!r} (use solver.options.first_step)")
-            if self.max_num_steps is not None:
-                if not isinstance(self.max_num_steps, int) or self.max_num_steps <= 0:
-                    raise ConfigError("solver.max_num_steps must be a positive integer, got "
-                                      f"{self.max_num_steps!r}")
+            if self.max_num_steps is not None and (
+                    not isinstance(self.max_num_steps, int) or self.max_num_steps <= 0):
+                raise ConfigError("solver.max_num_steps must be a positive integer, got "
+                                  f"{self.max_num_steps!r}")
             allowed = ADAPTIVE_OPTIONS | EXTRA_OPTIONS.get(self.method, set())
         unknown = sorted(set(options) - allowed)
         if unknown:
@@ -187,4 +188,4 @@ def odesolve(func: torch.nn.Module, y0: torch.Tensor, t: torch.Tensor, solver: S
 
 
 # nodebench's own methods register themselves in EXTRA_SOLVERS (imported last: they use Solver).
-from . import implicit  # noqa: E402,F401
+from . import implicit  # noqa: F401

@@ -94,10 +94,11 @@ def tolerance_sweep(run_dir: Path, results: Path, tols=(1e-1, 1e-2, 1e-3, 1e-4, 
         with nfe.phase_("backward"):
             loss.backward()
         nf_grad, nb = nfe.take("forward"), nfe.take("backward")
-        rows.append(dict(tol=tol, nfe_forward=nf, nfe_backward=nb, nfe_forward_train=nf_grad,
-                         ratio_backward_forward=nb / nf_grad if nf_grad else float("nan"),
-                         error_max=err.max().item(), error_mean=err.mean().item(),
-                         forward_time_s=min(times), test_error_batch=test_error))
+        rows.append({"tol": tol, "nfe_forward": nf, "nfe_backward": nb,
+                     "nfe_forward_train": nf_grad,
+                     "ratio_backward_forward": nb / nf_grad if nf_grad else float("nan"),
+                     "error_max": err.max().item(), "error_mean": err.mean().item(),
+                     "forward_time_s": min(times), "test_error_batch": test_error})
         print(f"[sweep] tol={tol:g}: NFE {nf}/{nb}  error {err.mean().item():.2e}  "
               f"{min(times) * 1e3:.1f} ms", flush=True)
     nfe.remove()

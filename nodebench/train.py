@@ -335,7 +335,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     "rng": rng_states(gen), "resumed_at": resumed_at,
                     "wall_time_s": time_before + time.perf_counter() - started})
         summary["status"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - numerical failures are recorded, bugs re-raised
+    except Exception as exc:  # numerical failures are recorded, bugs re-raised
         reason = classify_solver_error(exc)
         if reason is None:
             raise

@@ -23,8 +23,8 @@ def write_run(root, name, **fields):
 
 @pytest.fixture
 def tree(tmp_path):
-    ode = dict(model="odenet", solver="dopri5", solver_desc="dopri5 rtol=0.001 atol=0.001",
-               gradient="adjoint", params=208266, activation_mib=85.0)
+    ode = {"model": "odenet", "solver": "dopri5", "solver_desc": "dopri5 rtol=0.001 atol=0.001",
+           "gradient": "adjoint", "params": 208266, "activation_mib": 85.0}
     write_run(tmp_path, "a/resnet_s0", seed=0, test_error=1.0, best_test_error=0.9)
     write_run(tmp_path, "a/resnet_s1", seed=1, test_error=2.0, best_test_error=1.1,
               epoch_time_s=32.0)

@@ -21,7 +21,10 @@ class Linear(Dynamics):
         return self.lin(y)
 
 
-def nfe_of(solver, gradient=Gradient("direct"), dim=3):
+DIRECT = Gradient("direct")
+
+
+def nfe_of(solver, gradient=DIRECT, dim=3):
     torch.manual_seed(0)
     func = Linear(dim)
     block = ODEBlock(func, solver, gradient)

@@ -4,7 +4,7 @@ Models compute only: no counters or timers live here. Instruments find ODE dynam
 (:class:`Dynamics`) and observe them from outside.
 """
 
-from .blocks import ODEBlock, Dynamics, ConvODEFunc
-from .classifiers import mlp, resnet, odenet
+from .blocks import ConvODEFunc, Dynamics, ODEBlock
+from .classifiers import mlp, odenet, resnet
 
-__all__ = ["ODEBlock", "Dynamics", "ConvODEFunc", "mlp", "resnet", "odenet"]
+__all__ = ["ConvODEFunc", "Dynamics", "ODEBlock", "mlp", "odenet", "resnet"]

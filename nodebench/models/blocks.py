@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -122,5 +121,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["group_norm", "ResBlock", "Dynamics", "ConcatConv2d", "ConvODEFunc", "ODEBlock",
-           "count_parameters"]
+__all__ = ["ConcatConv2d", "ConvODEFunc", "Dynamics", "ODEBlock", "ResBlock", "count_parameters",
+           "group_norm"]
