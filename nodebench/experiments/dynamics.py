@@ -31,6 +31,7 @@ import csv
 import json
 import math
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -299,11 +300,9 @@ def _pm(values) -> str:
     v = [x for x in values if not math.isnan(x)]
     if not v:
         return "n/a"
-    mean = sum(v) / len(v)
     if len(v) == 1:
-        return f"{mean:.3g}"
-    std = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
-    return f"{mean:.3g} ± {std:.2g}"
+        return f"{v[0]:.3g}"
+    return f"{statistics.fmean(v):.3g} ± {statistics.stdev(v):.2g}"
 
 
 def _order(values, order: list[str]) -> list[str]:

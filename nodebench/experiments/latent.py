@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -302,11 +303,9 @@ def _pm(values) -> str:
     values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not values:
         return "-"
-    mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.4f} (1 seed)"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.4f} ± {std:.4f}"
+        return f"{values[0]:.4f} (1 seed)"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def _table2(frame, column: str) -> tuple[list[str], list[dict]]:
