@@ -32,9 +32,9 @@ PAPER_TABLE1 = {
     "odenet": {"paper test error": "0.42%", "paper params": "0.22 M", "paper memory": "O(1)",
                "paper time": "O(L~)"},
 }
-MODEL_ORDER = ["mlp", "resnet", "rknet", "odenet", "anode"]
+MODEL_ORDER = ["mlp", "resnet", "rknet", "odenet", "control", "anode"]
 MODEL_LABEL = {"mlp": "1-layer MLP", "resnet": "ResNet", "rknet": "RK-Net", "odenet": "ODE-Net",
-               "anode": "ANODE"}
+               "control": "Control: stem + head, no ODE block", "anode": "ANODE"}
 
 
 def collect(runs: list[Path] | Path) -> pd.DataFrame:
@@ -48,7 +48,10 @@ def collect(runs: list[Path] | Path) -> pd.DataFrame:
             row = {k: s.get(k) for k in ["status", "error", "model", "solver", "solver_desc",
                                           "gradient", "dataset", "seed", "params", "train_size",
                                           "test_size", "device", "wall_time_s", "epochs_done",
-                                          "best_epoch", *MEASURED]}
+                                          "best_epoch", "iterations", "threads", "contended",
+                                          *MEASURED]}
+            row["load_start"] = (s.get("load_start") or [None])[0]
+            row["load_end"] = (s.get("load_end") or [None])[0]
             trainer = cfg.get("trainer") or {}
             row["epochs"] = trainer.get("epochs", s.get("epochs_done"))
             row["batch"] = trainer.get("batch_size")
@@ -91,6 +94,11 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                             ("nfe_backward", 1), ("activation_mib", 1), ("epoch_time_s", 1),
                             ("iter_s", 3)):
             row[col] = _fmt(ok[col], digits)
+        if "contended" in ok and ok.contended.fillna(False).astype(bool).any():
+            # timings taken while the load exceeded the cores: marked, not hidden
+            for col in ("epoch_time_s", "iter_s"):
+                if row[col] != "-":
+                    row[col] += " (contended)"
         row["failures"] = "; ".join(sorted({str(e) for e in failed.error.dropna()})) or ""
         out.append(row)
     return pd.DataFrame(out)
@@ -113,22 +121,44 @@ def budget_line(df: pd.DataFrame) -> str:
     parts = []
     for model, g in df.groupby("model", sort=False):
         batch = f", batch {int(g.batch.max())}" if g.batch.notna().any() else ""
+        iters = ""
+        if "iterations" in g and g.iterations.notna().any():
+            iters = f" ({int(g.iterations.max()):,} iterations)"
         parts.append(f"{MODEL_LABEL.get(model, model)} {int(g.epochs.max())} ep x "
-                     f"{int(g.train_size.max()):,} img{batch}")
+                     f"{int(g.train_size.max()):,} img{batch}{iters}")
     devices = sorted(set(df.device.dropna()))
     wall = df.wall_time_s.fillna(0).sum()
     seeds = sorted({int(s) for s in df.seed.dropna()})
+    load = ""
+    if "load_start" in df and df.load_start.notna().any():
+        loads = pd.concat([df.load_start, df.load_end]).dropna()
+        load = (f"; 1-min load average at the runs' starts and ends {loads.min():.2f}-"
+                f"{loads.max():.2f}")
+        if "contended" in df and df.contended.fillna(False).astype(bool).any():
+            load += " (some above the cores: their timings are marked contended)"
     return (f"Budget: {'; '.join(parts)}; test images {int(df.test_size.max()):,}; "
-            f"device {', '.join(devices)}; training wall time {wall / 60:.1f} min in all; "
-            f"seeds {', '.join(map(str, seeds))}.")
+            f"device {', '.join(devices)}; training time {wall / 60:.1f} min summed over the "
+            f"runs; seeds {', '.join(map(str, seeds))}{load}.")
 
 
-def table1(df: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 of Chen et al. 2018: measured columns, then the paper's."""
+def table1(df: pd.DataFrame, targets: dict[str, float] | None = None) -> pd.DataFrame:
+    """Table 1 of Chen et al. 2018: measured columns, then the paper's.
+
+    ``targets`` (model -> test error %, the profile's targets) adds a ``target %`` column and
+    ``met``: whether the last-epoch error of every ok run is at or below it.
+    """
     agg = aggregate(df)
     rows = []
     for _, r in agg.iterrows():
         paper = PAPER_TABLE1.get(r.model, {})
+        target = {}
+        if targets:
+            goal = targets.get(r.model)
+            ok = df[(df.model == r.model) & (df.status == "ok")
+                    & (df.solver_desc == r.solver_desc) & (df.gradient == r.gradient)]
+            met = "-" if goal is None or ok.empty else (
+                "yes" if bool((ok.test_error <= goal).all()) else "no")
+            target = {"target %": "-" if goal is None else f"<= {goal:g}", "met": met}
         rows.append({
             "model": MODEL_LABEL.get(r.model, r.model),
             "solver / gradient": "-" if r.solver_desc == "-" else f"{r.solver_desc}, {r.gradient}",
@@ -141,6 +171,8 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
             "NFE-F": r.nfe_forward if r.solver_desc != "-" else "-",
             "NFE-B": r.nfe_backward if r.solver_desc != "-" else "-",
             "s / epoch": r.epoch_time_s,
+            "s / iter": r.iter_s,
+            **target,
             **{k: paper.get(k, "-") for k in ("paper test error", "paper params",
                                               "paper memory", "paper time")},
         })
@@ -212,9 +244,27 @@ def _fmt_frame(df: pd.DataFrame, formats: dict[str, str]) -> pd.DataFrame:
     return out
 
 
-def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: str = "") -> str:
-    """Build every Table 1 / Figure 3 output from ``runs`` (and the memory/sweep CSVs already in
-    ``results``); write them and ``results/README.md``; return the README text."""
+def schedule_line(results: Path) -> str:
+    """The reproduction's wall time, schedule and load, from ``results/reproduce.json`` (written
+    by ``make reproduce-mnist`` when it trained every model); '' when there is none."""
+    path = Path(results) / "reproduce.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    lanes = " | ".join(", ".join(lane) for lane in r["lanes"])
+    threads = r.get("threads_per_job")
+    return (f"Reproduction wall time {r['wall_s'] / 60:.1f} min from start to table (training "
+            f"lanes {r['train_wall_s'] / 60:.1f} min); lanes side by side: {lanes}"
+            f"{f'; {threads} torch thread(s) per job' if threads else ''}; 1-min load average "
+            f"{r['load_start']:.2f} at the start, at most {r['load_max']:.2f} during training, "
+            f"{r['load_end']:.2f} at the end, on {r['cores']} cores.")
+
+
+def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: str = "",
+                 targets: dict[str, float] | None = None) -> str:
+    """Build every Table 1 / Figure 3 output from ``runs`` (and the memory/sweep CSVs and
+    ``reproduce.json`` already in ``results``); write them and ``results/README.md``; return the
+    README text. ``targets``: the profile's test-error targets (%), shown beside the table."""
     from .memory import slopes
 
     results = Path(results)
@@ -223,7 +273,9 @@ def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: s
     if df.empty:
         raise SystemExit(f"no runs with summary.json under {runs}")
     budget = budget_line(df)
-    t1 = table1(df)
+    schedule = schedule_line(results)
+    budget = f"{budget} {schedule}" if schedule else budget
+    t1 = table1(df, targets)
     write_table(t1, results / "table1", f"Table 1 (Chen et al. 2018), MNIST. {budget}")
     df.drop(columns=["run"]).to_csv(results / "runs.csv", index=False)
     lines = [f"# MNIST: Table 1 and Figure 3 of Chen et al. 2018 (profile `{profile}`)", "",
@@ -232,9 +284,13 @@ def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: s
              "", f"Profile: {description}.", "", "## Table 1", "", budget, "", to_markdown(t1),
              ("Measured columns come from this run; `paper` columns are Chen et al. 2018's. "
               "Test error: last epoch and best epoch (the reference script keeps the best). "
-              "Activation MiB: the largest number of bytes autograd saved for backward in one "
-              "training step (parameters excluded, each storage once). NFE: mean per training "
-              "iteration over the last epoch (forward solve; backward = adjoint solve)."), ""]
+              "Activation MiB: the largest number of bytes autograd keeps for backward at the end "
+              "of one training step's forward pass (parameters excluded, each storage once). "
+              "NFE: mean per training iteration over the last epoch (forward solve; backward = "
+              "adjoint solve). `target %` and `met`: the profile's target for the last-epoch "
+              "error. The control row is the Table-1 network without its ODE block (stem + "
+              "head), trained with the same budget: the difference to it is what the block "
+              "adds."), ""]
     mem_csv = results / "memory_data.csv"
     if mem_csv.exists():
         mem = pd.read_csv(mem_csv)

@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     data = C._call(cfg.dataset, "dataset").to(device)
     shape = cfg.dataset.shape
     model = C.build_model(cfg, shape.channels, shape.size, shape.classes).to(device)
+    channels_last = bool(t.get("channels_last", False))
+    if channels_last:  # a memory layout only: the same numbers, faster convolutions on some CPUs
+        model = model.to(memory_format=torch.channels_last)
     n_batches = data.batches_per_epoch(t.batch_size)
     if t.max_batches:
         n_batches = min(n_batches, t.max_batches)
@@ -224,6 +228,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "test_size": int(data.test_x.shape[0]), "seed": cfg.seed, "params": params,
         "device": device_name(device), "experiment": cfg.experiment,
         "config": config, "resumed_at_epochs": resumed_at,
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+        "load_start": list(os.getloadavg()),
     }
     log.info("%s: %s params on %s, %d train / %d test images", cfg.model.name, f"{params:,}",
              summary["device"], summary["train_size"], summary["test_size"])
@@ -238,10 +244,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             epoch_iters = dict.fromkeys(IMPLICIT_STATS.KEYS, 0)
             IMPLICIT_STATS.take()
             bar = tqdm(total=n_batches, desc=f"{cfg.model.name} epoch {epoch}/{t.epochs}",
-                       disable=None if t.progress else True, leave=False, dynamic_ncols=True)
+                       disable=not t.progress, leave=False, dynamic_ncols=True,
+                       mininterval=0.1 if sys.stderr.isatty() else 5.0)
             for i, (x, y) in enumerate(data.train_batches(t.batch_size, gen)):
                 if i >= n_batches:
                     break
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 measure_mem = inst.memory and i % inst.memory_every == 0
                 with nfe.phase_("forward"):
                     if measure_mem:
@@ -347,6 +356,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary["implicit_iterations"] = run_iters if any(run_iters.values()) else None
     summary["wall_time_s"] = time_before + time.perf_counter() - started
     summary["epochs_done"] = len(rows)
+    summary["load_end"] = list(os.getloadavg())
+    summary["contended"] = contended(summary)
     if t.save_model and summary["status"] == "ok":
         torch.save(model.state_dict(), run_dir / "model.pt")
     hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -360,6 +371,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # finished (ok: never rerun; failed: rerun from scratch), so the checkpoint has done its job
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return summary
+
+
+def contended(summary: dict) -> bool:
+    """True when the 1-minute load average at the start or the end of the run exceeded the
+    number of cores plus 0.5 (the limit of ``shared/tools/quiet-run``): its timings were taken
+    while something else computed, and the report marks them."""
+    cores = summary.get("cores") or os.cpu_count() or 1
+    loads = [summary.get("load_start"), summary.get("load_end")]
+    return any(load is not None and load[0] > cores + 0.5 for load in loads)
 
 
 def _per_step(counts: dict[str, int], phase: str) -> float | None:
@@ -381,7 +401,7 @@ def _final_metrics(rows: list[dict]) -> dict:
     if not rows:
         return {k: None for k in ("test_error", "best_test_error", "best_epoch", "nfe_forward",
                                   "nfe_backward", "nfe_eval", "activation_mib", "epoch_time_s",
-                                  "iter_s", "cuda_max_mib")}
+                                  "iter_s", "cuda_max_mib", "iterations")}
     last = rows[-1]
     best = min(rows, key=lambda r: r["test_error"])
     return {
@@ -392,6 +412,7 @@ def _final_metrics(rows: list[dict]) -> dict:
         "cuda_max_mib": last["cuda_max_mib"],
         "epoch_time_s": sum(r["epoch_time_s"] for r in rows) / len(rows),
         "iter_s": sum(r["iter_s"] for r in rows) / len(rows),
+        "iterations": sum(r["iterations"] for r in rows),
     }
 
 

@@ -51,3 +51,63 @@ def test_nfe_backward_zero_for_direct_and_positive_for_adjoint():
     assert measure("model=odenet")["nfe_backward"] > 0
     r = measure("model=resnet")
     assert r["nfe_forward"] == 0 and r["nfe_backward"] == 0
+
+
+# The meter counts what autograd keeps for backward when the forward pass ends: repeatable, and
+# equal (within 1 KiB) to an independent count that walks the autograd graph from the loss.
+MEMORY_CASES = [("model=rknet",), ("model=rknet", "solver=rk4", "solver.step_size=0.25"),
+                ("model=odenet",), ("model=resnet",), ("model=control",)]
+
+
+def _meter_and_graph(overrides, batch=B):
+    from nodebench.instruments import ActivationMeter, graph_saved_bytes
+
+    cfg = C.compose(list(overrides))
+    torch.manual_seed(0)
+    model = C.build_model(cfg, 1, 28, 10)
+    torch.manual_seed(1)
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    meter = ActivationMeter(model)
+    readings = []
+    for _ in range(4):
+        with meter.measure(x.device):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        readings.append(meter.last_bytes)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # the graph of the last measured forward pass, and of one made without any hooks
+    return readings, graph_saved_bytes(loss, params), graph_saved_bytes(
+        torch.nn.functional.cross_entropy(model(x), y), params)
+
+
+def test_memory_meter_repeatable_and_equal_to_graph_walk():
+    import pytest
+
+    for overrides in MEMORY_CASES:
+        readings, walked, walked_plain = _meter_and_graph(overrides)
+        assert len(set(readings)) == 1, (overrides, readings)            # identical repeats
+        assert abs(readings[0] - walked) <= 1024, (overrides, readings[0], walked)
+        assert walked == walked_plain                                    # hooks change nothing
+        assert readings[0] > 0
+    with pytest.raises(RuntimeError):    # a freed graph cannot be walked: no silent zero
+        from nodebench.instruments import graph_saved_bytes
+
+        m = C.build_model(C.compose(["model=resnet"]), 1, 28, 10)
+        loss = m(torch.rand(2, 1, 28, 28)).sum()
+        loss.backward()
+        graph_saved_bytes(loss)
+
+
+def test_memory_meter_ignores_branches_freed_before_the_forward_pass_ends():
+    # dopri5's error estimate builds graph branches that are dropped during the solve; they must
+    # not count. A branch computed and dropped inside the measured pass is not counted either.
+    from nodebench.instruments import ActivationMeter
+
+    lin = torch.nn.Linear(64, 64)
+    meter = ActivationMeter(lin)
+    x = torch.rand(32, 64)
+    with meter.measure(x.device):
+        kept = torch.relu(lin(x))
+        dropped = torch.exp(lin(x) * 2)    # saves a (32, 64) float output, then freed
+        del dropped
+    assert meter.last_bytes == 32 * 64 * 4 * 2   # relu's output (saved) + the input x of lin
+    del kept

@@ -41,11 +41,11 @@ def tree(tmp_path):
 
 
 EXPECTED_TABLE1 = """\
-| model   | solver / gradient                     | runs           | batch   | test error % (last)   | test error % (best)   | params   | activation MiB   | NFE-F   | NFE-B   | s / epoch    | paper test error   | paper params   | paper memory   | paper time   |
+| model   | solver / gradient                     | runs           | batch   | test error % (last)   | test error % (best)   | params   | activation MiB   | NFE-F   | NFE-B   | s / epoch    | s / iter | paper test error   | paper params   | paper memory   | paper time   |
 |:--------|:--------------------------------------|:---------------|:--------|:----------------------|:----------------------|:---------|:-----------------|:--------|:--------|:-------------|:-------------------|:---------------|:---------------|:-------------|
-| 1-layer MLP | -                                     | 1 ok           | 128 | 1.70                  | 1.70                  | 238,510  | 0.5              | -       | -       | 2.5          | 1.60%              | 0.24 M         | -              | -            |
-| ResNet  | -                                     | 3 ok           | 128 | 2.00 ± 1.00           | 1.10 ± 0.20           | 576,778  | 125.0 ± 0.0      | -       | -       | 32.0 ± 2.0   | 0.41%              | 0.60 M         | O(L)           | O(L)         |
-| ODE-Net | dopri5 rtol=0.001 atol=0.001, adjoint | 1 ok, 1 failed | 128 | 1.50                  | 1.50                  | 208,266  | 85.0             | 26.0    | 32.0    | 30.0         | 0.42%              | 0.22 M         | O(1)           | O(L~)        |
+| 1-layer MLP | -                                     | 1 ok           | 128 | 1.70                  | 1.70                  | 238,510  | 0.5              | -       | -       | 2.5          | 0.500 | 1.60%              | 0.24 M         | -              | -            |
+| ResNet  | -                                     | 3 ok           | 128 | 2.00 ± 1.00           | 1.10 ± 0.20           | 576,778  | 125.0 ± 0.0      | -       | -       | 32.0 ± 2.0   | 0.500 ± 0.000 | 0.41%              | 0.60 M         | O(L)           | O(L)         |
+| ODE-Net | dopri5 rtol=0.001 atol=0.001, adjoint | 1 ok, 1 failed | 128 | 1.50                  | 1.50                  | 208,266  | 85.0             | 26.0    | 32.0    | 30.0         | 0.500 | 0.42%              | 0.22 M         | O(1)           | O(L~)        |
 """
 
 
@@ -71,6 +71,24 @@ def test_table1_exact(tree):
     got_rows = [r.split("|")[1:-1] for i, r in enumerate(got.strip().splitlines()) if i != 1]
     assert [[c.strip() for c in r] for r in got_rows] == \
         [[c.strip() for c in r] for r in expected_rows]
+
+
+def test_table1_targets_and_contended_timings(tree):
+    write_run(tree, "c/rknet_s0", model="rknet", solver="dopri5",
+              solver_desc="dopri5 rtol=0.001 atol=0.001", gradient="direct", params=208266,
+              test_error=0.69, best_test_error=0.69, contended=True, load_start=[3.1, 2, 1],
+              load_end=[2.0, 2, 1], cores=2)
+    df = collect(tree)
+    t = table1(df, {"mlp": 1.9, "resnet": 0.55, "rknet": 0.7, "odenet": 0.7}).set_index("model")
+    assert t.loc["1-layer MLP", "met"] == "yes" and t.loc["1-layer MLP", "target %"] == "<= 1.9"
+    assert t.loc["ResNet", "met"] == "no"          # 1.0, 2.0, 3.0 > 0.55
+    assert t.loc["RK-Net", "met"] == "yes"         # 0.69 <= 0.7
+    assert t.loc["RK-Net", "s / epoch"] == "30.0 (contended)"
+    assert t.loc["ODE-Net", "s / epoch"] == "30.0"  # its runs recorded no load: not marked
+    from nodebench.report import budget_line
+
+    assert "load average at the runs' starts and ends 2.00-3.10" in budget_line(df)
+    assert "timings are marked contended" in budget_line(df)
 
 
 def test_report_is_byte_identical_across_runs(tree, tmp_path):
