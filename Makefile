@@ -52,8 +52,8 @@ reproduce-dynamics: install ## learning dynamical systems with an ODE-Net (seed 
 reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 -> results/latent*
 	$(PY) -m nodebench.experiments.latent --profile $(PROFILE)
 
-bench: install ## seconds per iteration: nodebench vs a hand-written loop, instruments on vs off
-	$(PY) -m nodebench.bench
+bench: install ## seconds per iteration: nodebench vs a hand-written loop, instruments on vs off (BENCH_ARGS=--schedule: the cpu profile's schedule)
+	$(PY) -m nodebench.bench $(BENCH_ARGS)
 
 tensorboard: install ## open TensorBoard on all runs (http://localhost:6006)
 	$(VENV)/bin/tensorboard --logdir runs --port 6006

@@ -9,6 +9,11 @@ For resnet, rknet and odenet at batch 128 (MNIST-shaped random data, so no files
   measured  the same with the NFE counters and the activation-memory meter on (every iteration).
 Targets (issue 3): runner within 3% of plain; measured within 3% of runner. A benchmark, not a
 test: it prints what it measures on the machine it runs on.
+
+``--schedule`` measures what the CPU budget of ``make reproduce-mnist`` is sized from: seconds per
+training iteration (batch 128, the runner step) of every Table-1 model and the control with 1 and
+with 2 torch threads alone, and of ODE-Net and RK-Net as two one-thread processes side by side
+(iterations per second of each), so that one can see which schedule trains more images per hour.
 """
 
 from __future__ import annotations
@@ -121,13 +126,74 @@ def bench(models=("resnet", "rknet", "odenet"), batch: int = 128, iters: int = 5
     return rows
 
 
+def _schedule_worker(name: str, threads: int, iters: int, channels_last: bool) -> float:
+    """Median seconds per runner iteration of ``name`` with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    cfg = C.compose([f"model={name}"])
+    torch.manual_seed(0)
+    model = C.build_model(cfg, 1, 28, 10)
+    x = torch.rand(128, 1, 28, 28)
+    y = torch.randint(0, 10, (128,))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    nfe, meter = NFECounter(model), ActivationMeter(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    times = _time(functools.partial(_runner_step, model, opt, x, y, nfe, meter, False), iters, 1)
+    return statistics.median(times)
+
+
+def schedule(models=("resnet", "control", "rknet", "odenet"), iters: int = 6) -> list[dict]:
+    """Seconds per iteration alone (1 and 2 threads; channels_last for resnet and control, as
+    the cpu profile trains them) and ODE-Net | RK-Net side by side, one thread each."""
+    import subprocess
+
+    def worker(name: str, threads: int, cl: bool | None = None) -> list[str]:
+        cl = name in ("resnet", "control") if cl is None else cl
+        return [sys.executable, "-c",
+                "from nodebench.bench import _schedule_worker as w; "
+                f"print(w({name!r}, {threads}, {iters}, {cl}))"]
+
+    rows = []
+    for name in models:
+        for threads in (1, 2):
+            out = subprocess.run(worker(name, threads), capture_output=True, text=True, check=True)
+            rows.append({"schedule": "alone", "model": name, "threads": threads,
+                         "channels_last": name in ("resnet", "control"),
+                         "s_per_iter": float(out.stdout.split()[-1])})
+    out = subprocess.run(worker("resnet", 2, False), capture_output=True, text=True, check=True)
+    rows.append({"schedule": "alone", "model": "resnet", "threads": 2, "channels_last": False,
+                 "s_per_iter": float(out.stdout.split()[-1])})
+    pair = [subprocess.Popen(worker(name, 1), stdout=subprocess.PIPE, text=True)
+            for name in ("odenet", "rknet")]
+    for name, proc in zip(("odenet", "rknet"), pair):
+        out, _ = proc.communicate()
+        rows.append({"schedule": "side by side", "model": name, "threads": 1,
+                     "channels_last": False, "s_per_iter": float(out.split()[-1])})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nodebench.bench", description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet", "rknet", "odenet"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--schedule", action="store_true",
+                   help="measure the cpu profile's schedule instead (1 vs 2 threads, side by side)")
     a = p.parse_args(argv)
+    if a.schedule:
+        print("nodebench bench --schedule: runner step, batch 128, median of "
+              f"{a.iters} iterations after one warm-up")
+        print(f"{'schedule':13} {'model':8} {'threads':>7} {'ch.last':>7} {'s/it':>8} {'it/s':>7}")
+        for r in schedule(iters=a.iters):
+            print(f"{r['schedule']:13} {r['model']:8} {r['threads']:7d} "
+                  f"{'yes' if r['channels_last'] else 'no':>7} {r['s_per_iter']:8.3f} "
+                  f"{1 / r['s_per_iter']:7.3f}", flush=True)
+        return 0
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"cpu, {torch.get_num_threads()} threads"
     print(f"nodebench bench: batch {a.batch}, median of {a.iters * a.rounds} iterations "

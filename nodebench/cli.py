@@ -11,13 +11,14 @@ Launchers: ``hydra/launcher=local`` runs the jobs of a sweep in parallel process
 other processes, so the exit status of a sweep comes from the jobs' summary.json files in the sweep
 folder (a job without one did not finish: status 1). Rerunning a command with the same
 ``hydra.run.dir`` / ``hydra.sweep.dir`` resumes unfinished runs and skips finished ones
-(nodebench.train).
+(nodebench.train); a different configuration in a finished or checkpointed folder is refused
+(exit 2) before Hydra rewrites its ``.hydra/``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import logging
 import os
 import shutil
 import sys
@@ -97,14 +98,84 @@ def _split_hydra_args(args: list[str]) -> tuple[list[str], list[str], bool]:
     return flags, overrides, no_run
 
 
-def prevalidate(overrides: list[str], multirun: bool) -> int:
-    """Compose and validate every job; raise ConfigError on the first bad one. Returns #jobs."""
+def check_writable(folder: Path, what: str = "run folder") -> None:
+    """``folder`` exists as a writable directory or can be created: raise ConfigError otherwise
+    (a path under a regular file, a read-only parent)."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create {what} {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create {what} {folder}: {existing} is not writable")
+
+
+def _select_path(cfg, key: str) -> Path | None:
+    """A path-valued config key, resolved; None when it cannot be resolved before Hydra runs
+    (e.g. it uses ${hydra:...})."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(cfg, key)
+    except Exception:  # noqa: BLE001 - resolved by Hydra later; not checked here
+        return None
+    return None if value is None else Path(str(value))
+
+
+def _has_override(overrides: list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
+
+
+def _job_run_dir(cfg, overrides: list[str], multirun: bool, num: int) -> Path | None:
+    """The folder Hydra will use for this job when the user chose it (hydra.run.dir, or
+    hydra.sweep.dir for a multirun); None for the default, time-stamped names (always new)."""
+    from omegaconf import open_dict, read_write
+
+    if not multirun:
+        return _select_path(cfg, "hydra.run.dir") if _has_override(overrides, "hydra.run.dir") \
+            else None
+    if not _has_override(overrides, "hydra.sweep.dir"):
+        return None
+    try:
+        with read_write(cfg.hydra), open_dict(cfg.hydra):  # Hydra makes its node read-only
+            cfg.hydra.job.num = num
+    except Exception:  # noqa: BLE001
+        return None
+    base, sub = _select_path(cfg, "hydra.sweep.dir"), _select_path(cfg, "hydra.sweep.subdir")
+    return None if base is None or sub is None else base / sub
+
+
+def prevalidate(overrides: list[str], multirun: bool, check_files: bool = True) -> int:
+    """Compose and validate every job (Hydra's own overrides included), check that its run folder
+    can be written and does not hold a finished run or a checkpoint of another configuration;
+    raise ConfigError on the first bad one, before Hydra writes anything. Returns #jobs."""
+    from omegaconf import OmegaConf, open_dict, read_write
+
     from . import config as C
 
-    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    jobs = C.expand_sweep(user) if multirun else [user]
-    for job in jobs:
-        C.validate(C.compose(job))
+    overrides = C.normalize_overrides(overrides)
+    jobs = C.expand_sweep(overrides) if multirun else [overrides]
+    for num, job in enumerate(jobs):
+        full = C.compose(job, return_hydra_config=True)
+        cfg = copy.deepcopy(full)  # as Hydra's run_job: the job's config without the hydra node
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+        C.validate(cfg, check_files=check_files)
+        if not check_files:
+            continue
+        run_dir = _job_run_dir(full, job, multirun, num)
+        if run_dir is None:
+            runs = _select_path(cfg, "paths.runs")
+            if runs is not None:
+                check_writable(runs, "runs folder")
+        else:
+            check_writable(run_dir)
+            if run_dir.is_dir():
+                from .train import check_existing_run
+
+                config = OmegaConf.to_container(cfg, resolve=True)
+                check_existing_run(run_dir, config, bool(cfg.trainer.get("resume", True)))
     return len(jobs)
 
 
@@ -133,9 +204,9 @@ def _hydra_train() -> None:
             cfg.trainer.threads = job_threads(hydra_cfg.launcher)
         try:
             summary = run(cfg, run_dir)
-        except ConfigError as exc:
+        except ConfigError as exc:  # found once the data is loaded (or by a launcher's job)
             _remove_partial_run(run_dir)
-            logging.getLogger("nodebench").error("error: %s", exc)
+            print(f"nodebench: error: {exc}", file=sys.stderr, flush=True)
             _statuses.append("bad-input")
             return "bad-input"
         _statuses.append(summary["status"])
@@ -145,14 +216,31 @@ def _hydra_train() -> None:
 
 
 def cmd_train(args: list[str]) -> int:
+    from . import config as C
+
+    args = C.normalize_overrides(args)
     flags, overrides, no_run = _split_hydra_args(args)
     multirun = "-m" in flags or "--multirun" in flags
-    n_jobs = prevalidate(overrides, multirun) if not no_run else 0
+    n_jobs, refused = 0, None
+    if not no_run:
+        n_jobs = prevalidate(overrides, multirun)
+    elif "--cfg" in flags or "-c" in flags:
+        # --cfg prints the config; one that a run would refuse is printed, then refused
+        try:
+            prevalidate(overrides, multirun, check_files=False)
+        except ConfigError as exc:
+            for job in (C.expand_sweep(overrides) if multirun else [overrides]):
+                C.compose(job, return_hydra_config=True)  # cannot compose: just the error line
+            refused = str(exc)
     sys.argv = ["nodebench train", *args]
     _statuses.clear()
     _sweep_dirs.clear()
     started = time.time()
     _hydra_train()
+    if refused is not None:
+        print(f"nodebench: error: {refused} (a run with this config would be refused)",
+              file=sys.stderr)
+        return 2
     statuses = list(_statuses)
     if multirun and _sweep_dirs and not no_run:
         statuses += sweep_statuses(_sweep_dirs[-1], started, n_jobs)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,27 @@ if not OmegaConf.has_resolver("nb.lr_for_batch"):
     # SGD learning rate scaled with the batch size: 0.1 x batch / 128 (torchdiffeq's example).
     OmegaConf.register_new_resolver(
         "nb.lr_for_batch", lambda base, batch, ref=128: float(base) * float(batch) / float(ref))
+if not OmegaConf.has_resolver("nb.root"):
+    # Default data and run folders sit in the project folder (beside conf/), wherever nodebench
+    # is started from: ${nb.root:data} -> <project>/data.
+    OmegaConf.register_new_resolver(
+        "nb.root", lambda sub="": str(CONF_DIR.resolve().parent / str(sub)))
+
+_RUN_IDS: dict[str, int] = {}
+
+
+def _run_id() -> str:
+    """A name part that two runs never share: the process id, plus a counter for the later runs
+    of the same process (tests and notebooks start several in one process)."""
+    pid = str(os.getpid())
+    n = _RUN_IDS.get(pid, 0)
+    _RUN_IDS[pid] = n + 1
+    return f"p{pid}" + (f"-{n}" if n else "")
+
+
+if not OmegaConf.has_resolver("nb.run_id"):
+    # Part of the default hydra.run.dir (conf/train.yaml); cached per config like ${now:...}.
+    OmegaConf.register_new_resolver("nb.run_id", _run_id, use_cache=True)
 
 
 def one_line(exc: BaseException) -> str:
@@ -35,6 +58,8 @@ def one_line(exc: BaseException) -> str:
     parts: list[str] = []
     options: list[str] = []
     for line in str(exc).splitlines():
+        if line.startswith("Config search path"):  # Hydra's provider list: noise for a user
+            break
         if line.startswith(("\t", "    ")):
             options.append(line.strip())
         elif line.strip() and not line.startswith(("full_key", "object_type", "Set the env")):
@@ -47,8 +72,8 @@ def one_line(exc: BaseException) -> str:
     return " ".join(parts) or type(exc).__name__
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with Hydra overrides; errors become ConfigError."""
+def _hydra_compose(overrides: list[str], config_name: str,
+                   return_hydra_config: bool) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -56,12 +81,90 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise ConfigError(one_line(exc)) from None
+            return hydra_compose(config_name=config_name, overrides=list(overrides),
+                                 return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _keys_of(cfg: DictConfig, key: str) -> str:
+    """``key``'s parent node and the keys it has, for an error message."""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    where = f"valid keys in {parent}" if parent else "valid top-level keys"
+    return f"{where}: {', '.join(keys) or 'none'}"
+
+
+def _unknown_key_message(overrides: list[str], key: str, config_name: str,
+                         return_hydra_config: bool) -> str | None:
+    """'Could not override KEY: no such key; valid keys in PARENT: ...', from the config composed
+    without the overrides of ``key``; None if that cannot be composed either."""
+    rest = [o for o in overrides if _override_key(o) != key]
+    try:
+        base = _hydra_compose(rest, config_name, return_hydra_config or key.startswith("hydra."))
+    except Exception:  # noqa: BLE001 - the original message is used instead
+        return None
+    return f"Could not override '{key}': no such key; {_keys_of(base, key)}"
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """``solver.options.KEY=V`` -> ``++solver.options.KEY=V``: a solver option may be set with or
+    without ``+`` (the solver checks the key and the value); other overrides are unchanged."""
+    return [f"++{o}" if not o.startswith(("+", "~")) and o.startswith("solver.options.")
+            and "=" in o else o for o in overrides]
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train",
+            return_hydra_config: bool = False) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides.
+
+    Raises ConfigError (one line) for an unknown group option, an unknown key (naming the valid
+    keys of its parent), a malformed override, or a key added with ``+``/``++`` that the config
+    does not have (except ``solver.options.*`` and ``model.*``, checked when the solver and the
+    model are built): typos such as ``+trainer.epoch=3`` are not silently accepted.
+    """
+    overrides = normalize_overrides(list(overrides))
+    try:
+        cfg = _hydra_compose(overrides, config_name, return_hydra_config)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        message = one_line(exc)
+        match = re.search(r"Could not override '([^']+)'", message)
+        if match and ("not in struct" in message or "append" in message):
+            message = _unknown_key_message(overrides, match.group(1), config_name,
+                                           return_hydra_config) or message
+        raise ConfigError(message) from None
+    _check_additions(overrides, config_name)
     return cfg
+
+
+# Keys under these may be added with +key=value: they are checked against the solver's and the
+# model's accepted options when those are built (nodebench.solvers.Solver, build_model).
+_OPEN_PREFIXES = ("solver.options.", "model.", "hydra.")  # hydra.*: Hydra checks its own
+
+
+def _check_additions(overrides: list[str], config_name: str) -> None:
+    added = [o for o in overrides if o.startswith("+") and "=" in o and "/" not in _override_key(o)
+             and not _override_key(o).startswith(_OPEN_PREFIXES)]
+    if not added:
+        return
+    rest = [o for o in overrides if not o.startswith("+")]
+    try:
+        base = _hydra_compose(rest, config_name, False)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(one_line(exc)) from None
+    for o in added:
+        key = _override_key(o)
+        if OmegaConf.select(base, key, default=_MISSING_KEY,
+                            throw_on_resolution_failure=False) is _MISSING_KEY:
+            raise ConfigError(f"unknown key {key} (in {o}); {_keys_of(base, key)}")
+
+
+_MISSING_KEY = object()
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -168,39 +271,119 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module, total_steps: int = 
     return opt, _call(sched_node, "optim.scheduler", optimizer=opt, **extra)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_count(name: str, value: Any, allow_none: bool = False) -> None:
+    """``value`` must be an integer >= 1 (or None when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer{' or null' if allow_none else ''}, "
+                          f"got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
 def check_trainer(cfg: DictConfig) -> None:
+    """Types and ranges of ``trainer.*`` and ``seed``; raises ConfigError naming the key."""
     t = _get(cfg, "trainer")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        value = t[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"trainer.{key} must be a positive integer, got {value!r}")
-    if t.max_batches is not None and (not isinstance(t.max_batches, int) or t.max_batches <= 0):
-        raise ConfigError(f"trainer.max_batches must be a positive integer or null, "
-                          f"got {t.max_batches!r}")
+    for key in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+        _check_count(f"trainer.{key}", t.get(key, 1))
+    for key in ("max_batches", "threads"):
+        _check_count(f"trainer.{key}", t.get(key), allow_none=True)
+    for key in ("deterministic", "channels_last", "progress", "save_model", "checkpoint",
+                "resume"):
+        if key in t:
+            _check_bool(f"trainer.{key}", t[key])
+    inst = t.get("instruments")
+    if inst is not None:
+        for key in ("nfe", "memory", "steps", "validity", "gradient_error"):
+            if key in inst:
+                _check_bool(f"trainer.instruments.{key}", inst[key])
+        for key in ("memory_every", "validity_batch", "gradient_error_batch"):
+            if key in inst:
+                _check_count(f"trainer.instruments.{key}", inst[key])
+        if "validity_threshold" in inst:
+            value = inst.validity_threshold
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"trainer.instruments.validity_threshold must be a positive "
+                                  f"number, got {value!r}")
     if t.device not in ("auto", "cpu") and not str(t.device).startswith("cuda"):
         raise ConfigError(f"trainer.device must be auto, cpu or cuda[:N], got {t.device!r}")
     if str(t.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer.device is cuda but no CUDA device is available")
-    if not isinstance(cfg.seed, int):
+    if not _is_int(cfg.seed):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
 
 
-def check_dataset(cfg: DictConfig) -> None:
-    """Cheap checks of the dataset config (the files exist) without loading it."""
+# Images in the full training and test sets of the datasets read from files (subsets can only be
+# smaller; a larger train_size/test_size is an error, not silently the whole set).
+FULL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000), "svhn": (73257, 26032)}
+
+
+def check_dataset(cfg: DictConfig, check_files: bool = True) -> None:
+    """Cheap checks of the dataset config without loading it: sizes are integers >= 1 (or null
+    for the full set) and at most the full set, the training set holds at least one batch, the
+    files exist. Raises ConfigError naming the key."""
     node = _get(cfg, "dataset")
+    full = FULL_SIZES.get(str(node.get("name"))) if not node.get("fake", False) else None
+    sizes = {}
+    for i, key in enumerate(("train_size", "test_size")):
+        if key not in node:
+            continue
+        value = node[key]
+        _check_count(f"dataset.{key}", value, allow_none=full is not None)
+        if full is not None and value is not None and value > full[i]:
+            raise ConfigError(f"dataset.{key}={value} exceeds the {full[i]} images of "
+                              f"{node.name}'s {key.split('_')[0]} set")
+        sizes[key] = value if value is not None else (full[i] if full else None)
+    batch = _get(cfg, "trainer.batch_size")
+    if sizes.get("train_size") is not None and batch > sizes["train_size"]:
+        raise ConfigError(f"trainer.batch_size {batch} exceeds the {sizes['train_size']} "
+                          f"training images (dataset.train_size)")
     check = node.get("check")
-    if check:
+    if check and check_files:
         _call({"_target_": check, "root": node.root}, "dataset")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Everything that can be wrong with a config before training, as one ConfigError."""
+def check_model(cfg: DictConfig) -> None:
+    """The integration interval [0, model.t1] is a positive finite length, and a fixed step is
+    not longer than it (that would be one step of another size). Raises ConfigError."""
+    node = _get(cfg, "model")
+    if "t1" not in node:
+        return
+    t1 = node.t1
+    if not isinstance(t1, (int, float)) or isinstance(t1, bool) or not math.isfinite(t1) \
+            or t1 <= 0:
+        raise ConfigError(f"model.t1 (the integration interval [0, t1]) must be a positive "
+                          f"number, got {t1!r}")
+    if is_ode_model(cfg):
+        h = _get(cfg, "solver.step_size")
+        if isinstance(h, (int, float)) and not isinstance(h, bool) and h > t1 * (1 + 1e-9):
+            raise ConfigError(f"solver.step_size={h:g} is larger than the integration interval "
+                              f"[0, {t1:g}]: choose a step of at most {t1:g}")
+
+
+def validate(cfg: DictConfig, check_files: bool = True) -> None:
+    """Everything that can be wrong with a config before training, as one ConfigError.
+
+    The plain settings are checked before interpolations are resolved, so that e.g.
+    ``trainer.batch_size=abc`` is named as such and not as the learning rate computed from it.
+    ``check_files=False`` skips the check that the data files exist (``--cfg job``).
+    """
+    check_trainer(cfg)
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as exc:
         raise ConfigError(one_line(exc)) from None
-    check_trainer(cfg)
+    check_model(cfg)
     shape = _get(cfg, "dataset.shape")
     model = build_model(cfg, shape.channels, shape.size, shape.classes)
     build_optimizer(cfg, model)
-    check_dataset(cfg)
+    check_dataset(cfg, check_files)

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,10 +108,18 @@ def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int):
 # ---------------------------------------------------------------------------------------- MNIST
 
 def _read_idx_bytes(folder: Path, name: str) -> bytes | None:
+    """The bytes of IDX file ``name`` (or ``name.gz``) in ``folder``; None if neither exists.
+    Raises ConfigError naming the file and the fix when it cannot be read (a truncated or
+    corrupt ``.gz``)."""
     for candidate, opener in ((folder / name, open), (folder / (name + ".gz"), gzip.open)):
         if candidate.exists():
-            with opener(candidate, "rb") as fh:
-                return fh.read()
+            try:
+                with opener(candidate, "rb") as fh:
+                    return fh.read()
+            except (EOFError, OSError, zlib.error) as exc:
+                raise ConfigError(f"cannot read {candidate} (truncated or corrupt: {exc}); "
+                                  f"delete it and run `nodebench data mnist` (or `make data`) "
+                                  f"again") from None
     return None
 
 

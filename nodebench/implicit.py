@@ -91,7 +91,8 @@ per step as ``train/implicit_iters_forward`` / ``_backward`` (TensorBoard) and p
   The implicit midpoint rule is symmetric, so its backward pass retraces the forward states and
   its adjoint is the exact discrete gradient (to ``tol``).
 
-No gradient is returned for the time points ``t``.
+No gradient is returned for the time points ``t``: a ``t`` that requires one is refused
+(ConfigError) rather than silently given none.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SolverFailure
-from .solvers import EXTRA_SOLVERS, Gradient, Solver
+from .errors import ConfigError, SolverFailure
+from .solvers import EXTRA_SOLVERS, Gradient, Solver, fixed_step_count
 
 DEFAULTS = {"tol": 1e-4, "max_iters": 50, "anderson": 5}
 
@@ -156,8 +157,12 @@ def fixed_point(G: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, tol
     of ``G``. Anderson mixing is done separately for each index along ``batch_dim`` (each sample
     of a batch gets its own ``anderson`` secant directions, as in deep-equilibrium solvers): a
     batch holds many independent systems, each with its own few stiff directions.
-    Raises SolverFailure after ``max_iters`` evaluations or on a non-finite iterate.
+    Raises SolverFailure after ``max_iters`` evaluations or on a non-finite iterate, ConfigError
+    if ``max_iters`` < 1 or ``anderson`` < 0.
     """
+    if max_iters < 1 or anderson < 0:
+        raise ConfigError(f"fixed-point iteration needs max_iters >= 1 and anderson >= 0, got "
+                          f"{max_iters} and {anderson}")
     x = x0.detach()
     b = x.shape[batch_dim] if x.dim() else 1
 
@@ -194,7 +199,11 @@ def fixed_point(G: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, tol
         rhs = dF.transpose(1, 2) @ fs[-1].unsqueeze(2)  # (B, m, 1)
         reg = 1e-10 * A.diagonal(dim1=1, dim2=2).amax(dim=1) + 1e-300
         A = A + reg[:, None, None] * torch.eye(A.shape[1], dtype=A.dtype, device=A.device)
-        gamma = torch.linalg.solve(A, rhs)
+        try:
+            gamma = torch.linalg.solve(A, rhs)
+        except torch.linalg.LinAlgError:  # singular despite the regularisation: a failed step
+            raise SolverFailure(f"{what}: singular Anderson system after {k} fixed-point "
+                                f"iterations; try a smaller step_size or anderson=0") from None
         mixed = (gs[-1] - (dG @ gamma).squeeze(2)).to(x.dtype).reshape(moved_shape)
         x = mixed.movedim(0, batch_dim) if x.dim() else mixed
     raise SolverFailure(f"{what}: fixed-point iteration did not converge in {max_iters} "
@@ -202,19 +211,35 @@ def fixed_point(G: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, tol
                         f" try a smaller step_size, a larger max_iters, or anderson > 0)")
 
 
-def _steps(t0: float, t1: float, h: float) -> int:
-    """Number of equal steps of at most ``h`` covering [t0, t1] (Honchar's ode_solve)."""
-    return max(1, math.ceil(abs(t1 - t0) / h - 1e-9))
+def _steps(t0: float, t1: float, h: float, eps: float = 2.220446049250313e-16) -> int:
+    """Number of equal steps of at most ``h`` covering [t0, t1] (Honchar's ode_solve):
+    :func:`nodebench.solvers.fixed_step_count`, so that a whole number of steps of ``h`` is that
+    number even when ``t1`` is not exact in binary (``eps``: the precision of the times)."""
+    return fixed_step_count(t0, t1, h, eps)
 
 
 def _grid(t: torch.Tensor, h: float) -> list[tuple[int, float, float, int]]:
     """(output index i, start time, signed step, number of steps) for each interval of ``t``."""
     ts = t.tolist()
+    eps = torch.finfo(t.dtype).eps if t.is_floating_point() else 2.220446049250313e-16
     out = []
     for i in range(len(ts) - 1):
-        n = _steps(ts[i], ts[i + 1], h)
+        n = _steps(ts[i], ts[i + 1], h, eps)
         out.append((i, ts[i], (ts[i + 1] - ts[i]) / n, n))
     return out
+
+
+def check_options(options: dict) -> None:
+    """Type and range of the implicit solvers' options (``tol`` > 0, ``max_iters`` >= 1,
+    ``anderson`` >= 0); raises ConfigError naming the first bad one."""
+    tol = options.get("tol", DEFAULTS["tol"])
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) \
+            or tol <= 0:
+        raise ConfigError(f"solver.options.tol must be a positive number, got {tol!r}")
+    for key, low in (("max_iters", 1), ("anderson", 0)):
+        value = options.get(key, DEFAULTS[key])
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"solver.options.{key} must be an integer >= {low}, got {value!r}")
 
 
 class _Implicit:
@@ -222,11 +247,20 @@ class _Implicit:
 
     SCHEME: Scheme
     OPTIONS = tuple(DEFAULTS)
+    check_options = staticmethod(check_options)  # called by Solver on construction
 
     @classmethod
     def integrate(cls, func: torch.nn.Module, y0: torch.Tensor, t: torch.Tensor, solver: Solver,
                   gradient: Gradient) -> torch.Tensor:
-        """``y(t)`` for ``dy/dt = func(t, y)``, ``y(t[0]) = y0``; shapes (T,) -> (T, *y0.shape)."""
+        """``y(t)`` for ``dy/dt = func(t, y)``, ``y(t[0]) = y0``; shapes (T,) -> (T, *y0.shape).
+
+        Raises:
+            ConfigError: ``t`` requires a gradient (these solvers give none for the times).
+            SolverFailure: a step's fixed-point iteration does not converge.
+        """
+        if torch.is_tensor(t) and t.requires_grad and torch.is_grad_enabled():
+            raise ConfigError(f"solver {cls.SCHEME.name!r} gives no gradient for the time points "
+                              f"t, and t requires one: detach t or use a torchdiffeq method")
         opts = {**DEFAULTS, **solver.options}
         cfg = (cls.SCHEME, float(solver.step_size), float(opts["tol"]), int(opts["max_iters"]),
                int(opts["anderson"]))

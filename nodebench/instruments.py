@@ -1,8 +1,11 @@
-"""Instruments that observe a model from outside: NFE counters, activation memory, timers.
+"""Instruments that observe a model from outside: NFE counters, step counters, activation memory,
+timers.
 
 Nothing here is called by model code. :class:`NFECounter` attaches forward pre-hooks to every
 :class:`~nodebench.models.Dynamics` module (found by type), so it sees each evaluation of f,
 including those of the adjoint's backward solve; the training loop says which phase is running.
+:class:`StepCounter` attaches torchdiffeq's step callbacks to the same modules and counts the
+accepted and rejected steps of every solve (and the steps of fixed-grid methods).
 :class:`ActivationMeter` measures the bytes autograd keeps for backward when a forward pass ends
 (``torch.autograd.graph.saved_tensors_hooks`` with weak references), each storage counted once
 and parameters excluded: the quantity behind Table 1's memory column (O(L) ResNet, O(NFE)
@@ -11,10 +14,12 @@ RK-Net, O(1) ODE-Net). :func:`graph_saved_bytes` counts the same from the autogr
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -64,6 +69,156 @@ class NFECounter:
     @property
     def active(self) -> bool:
         return bool(self.blocks)
+
+
+# The step callbacks torchdiffeq 0.2.5 looks up on the func given to odeint / odeint_adjoint
+# (torchdiffeq/_impl/misc.py ``_check_inputs``: ``getattr(original_func, name)``, copied onto its
+# wrapper; adjoint.py copies the ``*_adjoint`` ones onto the augmented dynamics of the backward
+# solve). All are called as ``callback(t0, y0, dt)``.
+STEP_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
+ADJOINT_STEP_CALLBACKS = tuple(name + "_adjoint" for name in STEP_CALLBACKS)
+_KIND = {"callback_step": "attempted", "callback_accept_step": "accepted",
+         "callback_reject_step": "rejected"}
+# Fixed-grid solvers call only ``callback_step``; torchdiffeq warns at every solve that they do not
+# support the accept/reject callbacks StepCounter attaches. Only that exact warning is silenced.
+_UNSUPPORTED_WARNING = (r"Solver '[^']*' does not support callbacks "
+                        r"\{'callback_(accept|reject)_step'(, 'callback_(accept|reject)_step')?\}$")
+
+
+class StepCounter:
+    """Accepted and rejected steps of every ODE solve, split by phase, counted from outside.
+
+    For every :class:`~nodebench.models.Dynamics` module of ``model`` (found by type), sets the
+    instance attributes ``callback_step``, ``callback_accept_step``, ``callback_reject_step`` and
+    their ``*_adjoint`` versions, which torchdiffeq 0.2.5 looks up on the dynamics it is given and
+    calls as ``(t0, y0, dt)`` at each step attempt, accepted step and rejected step of its adaptive
+    Runge-Kutta solvers (``*_adjoint``: the same, during the adjoint's backward solve). Fixed-grid
+    solvers call only ``callback_step``, once per grid step. A callback the module already had
+    (an instance attribute or a method of its class) is still called after the count, and is
+    restored by :meth:`remove`.
+
+    Counts go to the current phase (``forward``, ``backward``, ``eval``): that of ``phases`` (any
+    object with a ``phase`` attribute, e.g. the :class:`NFECounter` the training loop switches),
+    or else the one set with :meth:`phase_`. Steps taken while the phase is None are not counted.
+    The adjoint's backward steps count in the phase that is current when they are taken (the
+    training loop's ``backward``).
+
+    Per phase, :meth:`take` returns ``accepted`` and ``rejected`` steps of adaptive methods,
+    ``grid`` steps of fixed-grid methods (attempts without a verdict), and ``min_step``, the
+    smallest accepted ``|dt|`` (units of the ODE's time variable; for fixed-grid methods the
+    smallest grid step). For dopri5 without ``first_step``, each solve takes
+    ``NFE = 2 + 6 (accepted + rejected)`` evaluations of f (2 to choose the first step, then 6
+    per attempt: 7 stages, the first shared with the previous step's last).
+
+    Source: torchdiffeq 0.2.5 ``_impl/rk_common.py`` (``_adaptive_step``), ``_impl/solvers.py``
+    (``FixedGridODESolver.integrate``), ``_impl/adjoint.py``; nodebench's own implicit methods
+    call no callbacks (their steps are in ``nodebench.implicit.STATS``).
+    """
+
+    def __init__(self, model: nn.Module, phases: object | None = None) -> None:
+        self._phases = phases
+        self.phase: str | None = None
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)
+        self._min_accepted: dict[str, float] = {}
+        self._min_attempted: dict[str, float] = {}
+        self._attached: list[tuple[nn.Module, str, object]] = []
+        modules = [m for m in model.modules() if isinstance(m, Dynamics)]
+        if modules:
+            warnings.filterwarnings("ignore", message=_UNSUPPORTED_WARNING, category=UserWarning)
+        for module in modules:
+            for name in STEP_CALLBACKS + ADJOINT_STEP_CALLBACKS:
+                self._attach(module, name)
+        self.blocks = len(modules)
+
+    def _attach(self, module: nn.Module, name: str) -> None:
+        previous = module.__dict__.get(name, _MISSING)
+        chained = getattr(module, name, None)
+        kind = _KIND[name.removesuffix("_adjoint")]
+        record = self._record
+
+        # A plain closure, not a bound method: copy.deepcopy of the model then shares it instead of
+        # copying the counter.
+        def callback(t0, y0, dt, _kind: str = kind, _next: Callable | None = chained):
+            record(_kind, dt)
+            if _next is not None:
+                return _next(t0, y0, dt)
+            return None
+
+        setattr(module, name, callback)
+        self._attached.append((module, name, previous))
+
+    def _current_phase(self) -> str | None:
+        return self._phases.phase if self._phases is not None else self.phase
+
+    def _record(self, kind: str, dt: torch.Tensor | float) -> None:
+        phase = self._current_phase()
+        if phase is None:
+            return
+        self.counts[(phase, kind)] += 1
+        if kind == "rejected":
+            return
+        h = abs(float(dt))  # a sync on CUDA; the solvers already sync once per step
+        table = self._min_accepted if kind == "accepted" else self._min_attempted
+        if h < table.get(phase, math.inf):
+            table[phase] = h
+
+    @contextmanager
+    def phase_(self, phase: str) -> Iterator[None]:
+        """Count into ``phase`` while the context is open (when no ``phases`` object was given)."""
+        previous, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = previous
+
+    def take(self, phase: str) -> dict:
+        """Return and reset the counts of ``phase``.
+
+        Returns ``{"accepted", "rejected", "grid", "attempted", "min_step"}``: ints, and
+        ``min_step`` a float (None when no step was accepted). ``grid`` = attempts without an
+        accept/reject verdict (fixed-grid steps); ``min_step`` is the smallest accepted adaptive
+        step, or, when the phase took only fixed-grid steps, the smallest grid step.
+        """
+        accepted = self.counts.pop((phase, "accepted"), 0)
+        rejected = self.counts.pop((phase, "rejected"), 0)
+        attempted = self.counts.pop((phase, "attempted"), 0)
+        min_accepted = self._min_accepted.pop(phase, None)
+        min_attempted = self._min_attempted.pop(phase, None)
+        grid = max(attempted - accepted - rejected, 0)
+        min_step = min_accepted if accepted else (min_attempted if grid else None)
+        return {"accepted": accepted, "rejected": rejected, "grid": grid,
+                "attempted": attempted, "min_step": min_step}
+
+    def remove(self) -> None:
+        """Detach the callbacks, restoring what the modules had before (last attached first)."""
+        for module, name, previous in reversed(self._attached):
+            if previous is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                setattr(module, name, previous)
+        self._attached.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.blocks)
+
+
+_MISSING = object()
+
+
+def merge_steps(total: dict, taken: dict) -> dict:
+    """Add the counts of one :meth:`StepCounter.take` into ``total`` (in place; also returned):
+    counts are summed, ``min_step`` is the minimum of the non-None values."""
+    for key in ("accepted", "rejected", "grid", "attempted"):
+        total[key] = total.get(key, 0) + taken.get(key, 0)
+    steps = [v for v in (total.get("min_step"), taken.get("min_step")) if v is not None]
+    total["min_step"] = min(steps) if steps else None
+    return total
+
+
+def steps_done(taken: dict) -> int:
+    """Steps a solver kept: accepted adaptive steps plus fixed-grid steps (every one is kept)."""
+    return taken["accepted"] + taken["grid"]
 
 
 class ActivationMeter:

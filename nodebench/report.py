@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-GROUP_KEYS = ["model", "solver_desc", "gradient", "dataset", "train_size", "epochs", "batch"]
+GROUP_KEYS = ["model", "solver_desc", "gradient", "dataset", "train_size", "epochs", "batch",
+              "setting"]
 MEASURED = ["test_error", "best_test_error", "nfe_forward", "nfe_backward", "activation_mib",
             "epoch_time_s", "iter_s"]
 
@@ -37,14 +38,50 @@ MODEL_LABEL = {"mlp": "1-layer MLP", "resnet": "ResNet", "rknet": "RK-Net", "ode
                "control": "Control: stem + head, no ODE block", "anode": "ANODE"}
 
 
-def collect(runs: list[Path] | Path) -> pd.DataFrame:
-    """One row per run directory that has a summary.json (searched recursively)."""
+# Config keys that do not change a run's numbers: runs differing only in these share a row.
+NOT_A_SETTING = ("seed", "experiment", "paths.", "trainer.progress", "trainer.threads",
+                 "trainer.device", "trainer.log_every", "trainer.resume", "trainer.checkpoint",
+                 "trainer.save_model", "trainer.instruments.", "trainer.channels_last",
+                 "dataset.root", "dataset.check", "hydra.")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out: dict = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(node, sort_keys=True) if isinstance(node, list) else node}
+
+
+def _settings(cfg: dict) -> dict:
+    return {k: v for k, v in _flat(cfg).items() if not k.startswith(NOT_A_SETTING)}
+
+
+def collect(runs: list[Path] | Path, quiet: bool = False) -> pd.DataFrame:
+    """One row per ``nodebench train`` run directory (its summary.json, searched recursively).
+
+    Run records of other writers (the ANODE, dynamics, latent, shapes and expressivity drivers
+    have their own reports) are skipped, and one line on stderr says how many and why. The
+    ``setting`` column lists, per run, the settings (config keys, seed excluded) that differ
+    between runs of the same model, so that rows are keyed by every setting that differs.
+    """
+    import sys
+
     folders = [Path(r) for r in (runs if isinstance(runs, (list, tuple)) else [runs])]
-    rows = []
+    rows, skipped, settings = [], [], []
     for folder in folders:
         for path in sorted(folder.rglob("summary.json")):
-            s = json.loads(path.read_text())
-            cfg = s.get("config") or {}
+            try:
+                s = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                skipped.append(f"{path} (unreadable)")
+                continue
+            cfg = s.get("config") if isinstance(s, dict) else None
+            if not isinstance(cfg, dict) or not isinstance(cfg.get("trainer"), dict) \
+                    or not s.get("model"):
+                skipped.append(str(path.parent))
+                continue
             row = {k: s.get(k) for k in ["status", "error", "model", "solver", "solver_desc",
                                           "gradient", "dataset", "seed", "params", "train_size",
                                           "test_size", "device", "wall_time_s", "epochs_done",
@@ -52,19 +89,45 @@ def collect(runs: list[Path] | Path) -> pd.DataFrame:
                                           *MEASURED]}
             row["load_start"] = (s.get("load_start") or [None])[0]
             row["load_end"] = (s.get("load_end") or [None])[0]
-            trainer = cfg.get("trainer") or {}
+            trainer = cfg["trainer"]
             row["epochs"] = trainer.get("epochs", s.get("epochs_done"))
             row["batch"] = trainer.get("batch_size")
+            if row["iterations"] is None and row["batch"] and row["train_size"] \
+                    and row["epochs_done"] is not None:   # records written before it was kept
+                per_epoch = row["train_size"] // row["batch"]
+                if trainer.get("max_batches"):
+                    per_epoch = min(per_epoch, trainer["max_batches"])
+                row["iterations"] = row["epochs_done"] * per_epoch
             row["run"] = str(path.parent)
             rows.append(row)
+            settings.append(_settings(cfg))
+    if skipped and not quiet:
+        print(f"nodebench report: skipped {len(skipped)} run record(s) not written by "
+              f"`nodebench train` (their drivers' reports read them): "
+              f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    df["setting"] = _differing(df, settings)
     for key in ("solver_desc", "gradient"):
         df[key] = df[key].fillna("-")
-    return df.sort_values(["model", "solver_desc", "gradient", "seed", "run"],
+    return df.sort_values(["model", "solver_desc", "gradient", "setting", "seed", "run"],
                           key=lambda c: c.map(_order) if c.name == "model" else c,
                           kind="stable").reset_index(drop=True)
+
+
+def _differing(df: pd.DataFrame, settings: list[dict]) -> list[str]:
+    """Per run, 'key=value, ...' for the settings that differ between runs of its model."""
+    out = [""] * len(df)
+    for _, idx in df.groupby("model", sort=False).groups.items():
+        idx = list(idx)
+        keys = sorted({k for i in idx for k in settings[i]})
+        varying = [k for k in keys if len({json.dumps(settings[i].get(k), default=str)
+                                           for i in idx}) > 1]
+        for i in idx:
+            out[i] = ", ".join(f"{k.split('.', 1)[-1] if k.startswith('model.') else k}="
+                               f"{settings[i].get(k)}" for k in varying)
+    return out
 
 
 def _order(model: str) -> int:
@@ -85,6 +148,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration: mean ± std over the ok runs, and the run counts."""
     out = []
     for key, g in df.groupby(GROUP_KEYS, sort=False, dropna=False):
+        # a seed counts once: of repeated runs of one seed, the last (by folder name) is kept
+        g = g.drop_duplicates(subset=["seed"], keep="last") if g.seed.notna().all() else g
         ok = g[g.status == "ok"]
         failed = g[g.status != "ok"]
         row = dict(zip(GROUP_KEYS, key))
@@ -124,8 +189,13 @@ def budget_line(df: pd.DataFrame) -> str:
         iters = ""
         if "iterations" in g and g.iterations.notna().any():
             iters = f" ({int(g.iterations.max()):,} iterations)"
-        parts.append(f"{MODEL_LABEL.get(model, model)} {int(g.epochs.max())} ep x "
-                     f"{int(g.train_size.max()):,} img{batch}{iters}")
+        sizes = sorted({int(v) for v in g.test_size.dropna()})
+        test = (f", test {'/'.join(f'{v:,}' for v in sizes)} img"
+                if df.test_size.dropna().nunique() > 1 else "")
+        epochs = "?" if g.epochs.isna().all() else int(g.epochs.max())
+        train = "?" if g.train_size.isna().all() else f"{int(g.train_size.max()):,}"
+        parts.append(f"{MODEL_LABEL.get(model, model)} {epochs} ep x {train} img{batch}{iters}"
+                     f"{test}")
     devices = sorted(set(df.device.dropna()))
     wall = df.wall_time_s.fillna(0).sum()
     seeds = sorted({int(s) for s in df.seed.dropna()})
@@ -136,7 +206,10 @@ def budget_line(df: pd.DataFrame) -> str:
                 f"{loads.max():.2f}")
         if "contended" in df and df.contended.fillna(False).astype(bool).any():
             load += " (some above the cores: their timings are marked contended)"
-    return (f"Budget: {'; '.join(parts)}; test images {int(df.test_size.max()):,}; "
+    sizes = df.test_size.dropna()
+    test = ("" if sizes.empty or sizes.nunique() > 1
+            else f"; test images {int(sizes.iloc[0]):,}")
+    return (f"Budget: {'; '.join(parts)}{test}; "
             f"device {', '.join(devices)}; training time {wall / 60:.1f} min summed over the "
             f"runs; seeds {', '.join(map(str, seeds))}{load}.")
 
@@ -160,7 +233,7 @@ def table1(df: pd.DataFrame, targets: dict[str, float] | None = None) -> pd.Data
                 "yes" if bool((ok.test_error <= goal).all()) else "no")
             target = {"target %": "-" if goal is None else f"<= {goal:g}", "met": met}
         rows.append({
-            "model": MODEL_LABEL.get(r.model, r.model),
+            "model": MODEL_LABEL.get(r.model, r.model) + (f" ({r.setting})" if r.setting else ""),
             "solver / gradient": "-" if r.solver_desc == "-" else f"{r.solver_desc}, {r.gradient}",
             "runs": r.runs,
             "batch": "-" if pd.isna(r.batch) else str(int(r.batch)),
@@ -311,10 +384,18 @@ def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: s
         view = _fmt_frame(nfe_stats, {c: ".2f" for c in nfe_stats.columns
                                       if c.startswith(("nfe_", "ratio_"))})
         write_table(view, results / "nfe_training")
+        adjoint = nfe_stats[nfe_stats.nfe_backward_last > 0]
+        measured = ("; measured here over the whole training run: " + ", ".join(
+            f"{MODEL_LABEL.get(m, m)} s{sd} {v:.2f}" for m, sd, v in
+            zip(adjoint.model, adjoint.seed, adjoint.ratio_backward_forward))) \
+            if not adjoint.empty else ""
         lines += ["## Figure 3c/3d: NFE over training", "",
-                  ("Means over the first and the last 20 iterations. The paper states that "
-                   "backward NFE is roughly half of forward NFE; with torchdiffeq's dopri5 and "
-                   "its adjoint the measured ratio is the `ratio_backward_forward` column."), "",
+                  ("Means over the first and the last 20 iterations. Backward / forward NFE of "
+                   "the adjoint: Chen et al. 2018 (Fig. 3c) state \"roughly half\" (0.5), counted "
+                   "with scipy's LSODA according to torchdiffeq's maintainer "
+                   "(rtqichen/torchdiffeq#97); the ANODE replication VanniLeonardo/"
+                   "re-augmented-neural-odes gives 0.78-0.86 (its README)" + measured +
+                   " (`ratio_backward_forward`, total backward over total forward NFE)."), "",
                   to_markdown(view), "![NFE over training](fig3cd.png)", ""]
     sweep_csv = results / "sweep_data.csv"
     if sweep_csv.exists():

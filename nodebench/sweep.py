@@ -26,7 +26,9 @@ REFERENCE_TOL = 1e-8
 
 
 def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a run's model from its summary.json config and load its model.pt."""
+    """Rebuild a run's model from its summary.json config and load its model.pt
+    (``torch.load(weights_only=True)``: tensors only). Raises ConfigError naming the file when
+    there is no finished run or model.pt cannot be loaded that way."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists() or not (run_dir / "model.pt").exists():
@@ -35,7 +37,13 @@ def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict]:
     cfg = OmegaConf.create(summary["config"])
     shape = cfg.dataset.shape
     model = C.build_model(cfg, shape.channels, shape.size, shape.classes)
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu"))
+    try:
+        weights = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(weights)
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the same user error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load {run_dir / 'model.pt'} safely (weights_only): "
+                          f"{first[:200]}") from None
     return model, summary
 
 

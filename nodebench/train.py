@@ -7,9 +7,10 @@ epoch), ``model.pt`` (final weights) and ``summary.json`` (written last, atomica
 
 Runs survive interruption. At the end of every epoch ``checkpoint.pt`` is replaced atomically
 (model, optimiser, scheduler, every RNG state including the data-shuffling generator, the metric
-rows, the global step), so a kill at any moment leaves a whole checkpoint. ``run`` on a directory
-that holds one resumes from it (same final metrics as an uninterrupted run, on CPU); on a
-directory whose ``summary.json`` says ``ok`` it returns that summary without training; after a
+rows, the global step; tensors, plain types and the config as JSON, read back with
+``torch.load(weights_only=True)``), so a kill at any moment leaves a whole checkpoint. ``run`` on
+a directory that holds one resumes from it (same final metrics as an uninterrupted run, on CPU);
+on a directory whose ``summary.json`` says ``ok`` it returns that summary without training; after a
 failed run it starts again from scratch. ``trainer.resume: false`` always starts from scratch.
 """
 
@@ -35,20 +36,32 @@ from tqdm import tqdm
 from . import config as C
 from .errors import ConfigError, SolverFailure, classify_solver_error
 from .implicit import STATS as IMPLICIT_STATS
-from .instruments import ActivationMeter, NFECounter, Stopwatch
+from .instruments import (ActivationMeter, NFECounter, StepCounter, Stopwatch, merge_steps,
+                          steps_done)
 from .models.blocks import count_parameters
+from .validity import DEFAULT_THRESHOLD, gradient_error, model_validity, ode_blocks
 
 log = logging.getLogger("nodebench")
 
 CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = ("trainer.progress", "trainer.threads", "trainer.device", "trainer.resume",
-                     "trainer.checkpoint", "trainer.log_every", "paths.data", "paths.runs")
+                     "trainer.checkpoint", "trainer.log_every", "paths.data", "paths.runs",
+                     "dataset.root")  # where the (md5-checked) data sits does not change results
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_error", "nfe_forward",
                  "nfe_backward", "nfe_eval", "implicit_iters_forward", "implicit_iters_backward",
                  "activation_mib", "cuda_max_mib", "iter_s",
-                 "epoch_time_s", "eval_time_s", "iterations"]
+                 "epoch_time_s", "eval_time_s", "iterations",
+                 # issue 13: step statistics (per training iteration / evaluation batch), stiffness
+                 # signs of the forward training solves, validity checks of the fixed batch
+                 "steps_accepted_forward", "steps_rejected_forward", "steps_accepted_backward",
+                 "steps_rejected_backward", "steps_accepted_eval", "steps_rejected_eval",
+                 "min_step", "rejected_fraction", "validity_reference_error",
+                 "validity_roundtrip_error", "valid", "validity_time_s"]
+STEP_FIELDS = METRIC_FIELDS[METRIC_FIELDS.index("steps_accepted_forward"):
+                            METRIC_FIELDS.index("validity_reference_error")]
+VALIDITY_FIELDS = METRIC_FIELDS[METRIC_FIELDS.index("validity_reference_error"):]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,17 +96,49 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``
+    (tensors and plain types only: a crafted pickle cannot run code).
+
+    Raises ConfigError naming the file when it cannot be read that way (corrupt, truncated, not
+    nodebench's, or holding arbitrary objects).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "config_json" not in state:
+            raise ValueError("not a nodebench checkpoint (no config_json)")
+        state["config"] = json.loads(state["config_json"])
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the same user error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load {path} safely (weights_only): {first[:200]}; remove it or "
+                          f"use trainer.resume=false") from None
+    return state
+
+
 def rng_states(gen: torch.Generator) -> dict:
     """Every random stream training draws from: Python, NumPy, torch (CPU, CUDA) and ``gen``,
-    the generator that shuffles the data and draws the crops."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    the generator that shuffles the data and draws the crops; as tensors and plain types, so that
+    ``torch.load(weights_only=True)`` reads them back."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {"python": {"version": int(py_version),
+                       "state": torch.tensor(py_state, dtype=torch.int64),
+                       "gauss": py_gauss},
+            "numpy": {"name": str(np_name),
+                      "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+                      "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                      "gauss": float(np_gauss)},
             "torch": torch.get_rng_state(), "gen": gen.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_states(states: dict, gen: torch.Generator) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    """Restore the streams saved by :func:`rng_states`."""
+    py = states["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npst = states["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["gauss"]))
     torch.set_rng_state(states["torch"])
     gen.set_state(states["gen"])
     if states["cuda"] is not None and torch.cuda.is_available():
@@ -116,23 +161,61 @@ def config_changes(old: dict, new: dict) -> list[str]:
                   if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
 
 
-def prepare_run_dir(run_dir: Path, config: dict, resume: bool) -> dict | None:
-    """What a (re)started run finds in ``run_dir``: the finished summary (``status: ok``; the run
-    is not repeated), the checkpoint to resume from, or nothing (outputs of a failed or
-    abandoned run are removed first). Returns ``{"summary": ...}``, ``{"checkpoint": ...}`` or
-    None. A checkpoint of another configuration is a ConfigError."""
-    summary_path, ckpt_path = run_dir / "summary.json", run_dir / CHECKPOINT
-    previous = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    if resume and previous and previous.get("status") == "ok":
-        return {"summary": previous}
-    if resume and previous is None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        changed = config_changes(state["config"], config)
+def read_summary(path: Path) -> dict | None:
+    """``summary.json`` as a dict, None if absent; ConfigError naming it if it is unreadable."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}; remove it or use another "
+                          f"hydra.run.dir") from None
+    return data
+
+
+def check_existing_run(run_dir: Path, config: dict, resume: bool = True) -> None:
+    """Refuse to run ``config`` in a folder that holds a finished run (``status: ok``) or a
+    checkpoint of another configuration: the folder would contradict its own records.
+
+    Called by the CLI before Hydra writes ``.hydra/`` and again by :func:`prepare_run_dir`.
+    Raises ConfigError naming the settings that differ.
+    """
+    run_dir = Path(run_dir)
+    if not resume or not run_dir.is_dir():
+        return
+    previous = read_summary(run_dir / "summary.json")
+    if previous is not None:
+        if previous.get("status") != "ok" or not isinstance(previous.get("config"), dict):
+            return  # failed or abandoned: it is started again from scratch
+        changed = config_changes(previous["config"], config)
+        if changed:
+            raise ConfigError(f"{run_dir} holds a finished run of another configuration "
+                              f"({', '.join(changed)} differ); use another hydra.run.dir")
+        return
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.exists():
+        changed = config_changes(load_checkpoint(ckpt_path)["config"], config)
         if changed:
             raise ConfigError(f"{run_dir} holds a checkpoint of another configuration "
                               f"({', '.join(changed)} differ); use another hydra.run.dir or "
                               f"trainer.resume=false")
-        return {"checkpoint": state}
+
+
+def prepare_run_dir(run_dir: Path, config: dict, resume: bool) -> dict | None:
+    """What a (re)started run finds in ``run_dir``: the finished summary (``status: ok``; the run
+    is not repeated), the checkpoint to resume from, or nothing (outputs of a failed or
+    abandoned run are removed first). Returns ``{"summary": ...}``, ``{"checkpoint": ...}`` or
+    None. A finished run or a checkpoint of another configuration is a ConfigError (raised
+    before anything in ``run_dir`` is changed)."""
+    summary_path, ckpt_path = run_dir / "summary.json", run_dir / CHECKPOINT
+    check_existing_run(run_dir, config, resume)
+    previous = read_summary(summary_path)
+    if resume and previous and previous.get("status") == "ok":
+        return {"summary": previous}
+    if resume and previous is None and ckpt_path.exists():
+        return {"checkpoint": load_checkpoint(ckpt_path)}
     if previous is not None:
         log.info("previous run in %s %s (%s): starting again from scratch", run_dir,
                  previous.get("status"), previous.get("error"))
@@ -172,8 +255,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     found = prepare_run_dir(run_dir, config, t.get("resume", True)) if run_dir.is_dir() else None
     if found and "summary" in found:
-        log.info("%s already finished (summary.json status ok): not run again", run_dir)
+        log.info("%s already finished (summary.json status ok): not run again",
+                 run_dir.resolve())
         return found["summary"]
+    log.info("run folder: %s", run_dir.resolve())
     state = found["checkpoint"] if found else None
     device = resolve_device(t.device)
     if t.threads:
@@ -195,6 +280,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     optimizer, scheduler = C.build_optimizer(cfg, model, total_steps=t.epochs * n_batches)
     step_interval = cfg.optim.interval == "step"
     params = count_parameters(model)
+    # Gradient error at initialisation: the weights as built (before a checkpoint is loaded, so a
+    # resumed run measures the same initial weights; no random numbers are drawn).
+    grad_init = _gradient_check(model, data, t.instruments)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only needed here
@@ -203,6 +291,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     meter = ActivationMeter(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     inst = t.instruments
+    # accepted/rejected steps of every solve, in the phases the NFE counter is switched to
+    steps = StepCounter(model, phases=nfe) if inst.get("steps", True) else None
     rows: list[dict] = []
     step, first_epoch, time_before, resumed_at = 0, 1, 0.0, []
     if state is not None:
@@ -242,6 +332,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             sums = {"loss": 0.0, "wrong": 0, "seen": 0, "nfe_f": 0, "nfe_b": 0, "mem": 0.0,
                     "iter_s": 0.0}
             epoch_iters = dict.fromkeys(IMPLICIT_STATS.KEYS, 0)
+            epoch_steps: dict[str, dict] = {"forward": {}, "backward": {}}
             IMPLICIT_STATS.take()
             bar = tqdm(total=n_batches, desc=f"{cfg.model.name} epoch {epoch}/{t.epochs}",
                        disable=not t.progress, leave=False, dynamic_ncols=True,
@@ -267,11 +358,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 with nfe.phase_("backward"):
                     loss.backward()
+                if not _finite_gradients(model):  # one sync; stop before the update spreads it
+                    raise SolverFailure(f"non-finite gradient at epoch {epoch}, iteration {i}")
                 optimizer.step()
                 if step_interval:
                     scheduler.step()
                 iter_s = clock.lap()
                 nf, nb = nfe.take("forward"), nfe.take("backward")
+                if steps is not None:  # this iteration's steps; the adjoint's are in backward
+                    sf, sb = steps.take("forward"), steps.take("backward")
+                    merge_steps(epoch_steps["forward"], sf)
+                    merge_steps(epoch_steps["backward"], sb)
                 its = IMPLICIT_STATS.take()  # fixed-point iterations of the implicit solvers
                 for key, value in its.items():
                     epoch_iters[key] += value
@@ -292,6 +389,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     if nfe.active:
                         writer.add_scalar("train/nfe_forward", nf, step)
                         writer.add_scalar("train/nfe_backward", nb, step)
+                    if steps is not None and steps.active:
+                        for phase, taken in (("forward", sf), ("backward", sb)):
+                            writer.add_scalar(f"train/steps_accepted_{phase}", steps_done(taken),
+                                              step)
+                            writer.add_scalar(f"train/steps_rejected_{phase}", taken["rejected"],
+                                              step)
                     for phase in ("forward", "backward"):
                         if its[f"{phase}_steps"]:
                             writer.add_scalar(f"train/implicit_iters_{phase}",
@@ -322,6 +425,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "cuda_max_mib": meter.cuda_max_mib, "iter_s": train_time / n_batches,
                 "epoch_time_s": train_time, "eval_time_s": eval_s, "iterations": n_batches,
             }
+            eval_batches = math.ceil(data.test_x.shape[0] / t.eval_batch_size)
+            row.update(_step_columns(epoch_steps if steps is not None else None,
+                                     steps.take("eval") if steps is not None else None,
+                                     n_batches, eval_batches))
+            row.update(_validity_check(model, data, inst))  # outside any phase: not counted
             rows.append(row)
             _write_metrics(run_dir / "metrics.csv", rows)
             for key in ("train_loss", "train_error", "nfe_forward", "nfe_backward"):
@@ -332,13 +440,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             writer.add_scalar("time/epoch_s", train_time, epoch)
             if inst.memory:
                 writer.add_scalar("epoch/activation_mib", row["activation_mib"], epoch)
+            for key, tag in (("steps_accepted_forward", "epoch/steps_accepted_forward"),
+                             ("steps_rejected_forward", "epoch/steps_rejected_forward"),
+                             ("steps_accepted_backward", "epoch/steps_accepted_backward"),
+                             ("steps_rejected_backward", "epoch/steps_rejected_backward"),
+                             ("steps_accepted_eval", "eval/steps_accepted"),
+                             ("steps_rejected_eval", "eval/steps_rejected"),
+                             ("min_step", "epoch/min_step"),
+                             ("rejected_fraction", "epoch/rejected_fraction"),
+                             ("validity_reference_error", "eval/validity_reference_error"),
+                             ("validity_roundtrip_error", "eval/validity_roundtrip_error"),
+                             ("valid", "eval/valid")):
+                if row.get(key) is not None:
+                    writer.add_scalar(tag, float(row[key]), epoch)
+            if row.get("valid") is not None:
+                log.info("epoch %d/%d  solve %s: reference error %s, round trip %s (threshold %g)",
+                         epoch, t.epochs, "valid" if row["valid"] else "NOT valid",
+                         _fmt(row["validity_reference_error"]),
+                         _fmt(row["validity_roundtrip_error"]),
+                         inst.get("validity_threshold", DEFAULT_THRESHOLD))
             log.info("epoch %d/%d  loss %.4f  test error %.2f%%  NFE f/b %.1f/%.1f  "
                      "mem %.1f MiB  %.1f s", epoch, t.epochs, row["train_loss"], test_error,
                      row["nfe_forward"], row["nfe_backward"], row["activation_mib"] or 0.0,
                      train_time)
             if t.get("checkpoint", True):
                 save_checkpoint(run_dir / CHECKPOINT, {
-                    "epoch": epoch, "step": step, "rows": rows, "config": config,
+                    "epoch": epoch, "step": step, "rows": _plain_rows(rows),
+                    "config_json": json.dumps(config, sort_keys=True),
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rng_states(gen), "resumed_at": resumed_at,
@@ -353,6 +481,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         nfe.remove()
     summary.update(_final_metrics(rows))
+    if steps is not None:
+        steps.remove()
+    summary["validity_threshold"] = (float(inst.get("validity_threshold", DEFAULT_THRESHOLD))
+                                     if inst.get("validity", True) else None)
+    summary.update(_grad_fields("init", grad_init))
+    summary.update(_grad_fields("final", _gradient_check(model, data, inst)
+                                if summary["status"] == "ok" else None))
     summary["implicit_iterations"] = run_iters if any(run_iters.values()) else None
     summary["wall_time_s"] = time_before + time.perf_counter() - started
     summary["epochs_done"] = len(rows)
@@ -370,6 +505,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_json_atomic(run_dir / "summary.json", summary)
     # finished (ok: never rerun; failed: rerun from scratch), so the checkpoint has done its job
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    log.info("run %s; results in %s", summary["status"], run_dir.resolve())
     return summary
 
 
@@ -388,6 +524,33 @@ def _per_step(counts: dict[str, int], phase: str) -> float | None:
     return counts[f"{phase}_iters"] / steps if steps else None
 
 
+def _finite_gradients(model: torch.nn.Module) -> bool:
+    """True when every parameter gradient is finite (one device sync for all of them)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def _plain(value: Any) -> Any:
+    """A metric value as a plain Python type (``torch.load(weights_only=True)`` reads those)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # 0-d tensor, NumPy scalar
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _plain_rows(rows: list[dict]) -> list[dict]:
+    return [{str(k): _plain(v) for k, v in row.items()} for row in rows]
+
+
 def _write_metrics(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
@@ -398,12 +561,16 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def _final_metrics(rows: list[dict]) -> dict:
+    """Summary fields from the epoch rows: the last epoch's values (its step statistics and
+    validity too), the best test error, means of the timings."""
     if not rows:
         return {k: None for k in ("test_error", "best_test_error", "best_epoch", "nfe_forward",
                                   "nfe_backward", "nfe_eval", "activation_mib", "epoch_time_s",
-                                  "iter_s", "cuda_max_mib", "iterations")}
+                                  "iter_s", "cuda_max_mib", "iterations",
+                                  *STEP_FIELDS, *VALIDITY_FIELDS)}
     last = rows[-1]
     best = min(rows, key=lambda r: r["test_error"])
+    check_s = [r["validity_time_s"] for r in rows if r.get("validity_time_s") is not None]
     return {
         "test_error": last["test_error"], "best_test_error": best["test_error"],
         "best_epoch": best["epoch"], "nfe_forward": last["nfe_forward"],
@@ -413,7 +580,89 @@ def _final_metrics(rows: list[dict]) -> dict:
         "epoch_time_s": sum(r["epoch_time_s"] for r in rows) / len(rows),
         "iter_s": sum(r["iter_s"] for r in rows) / len(rows),
         "iterations": sum(r["iterations"] for r in rows),
+        **{k: last.get(k) for k in STEP_FIELDS + VALIDITY_FIELDS},
+        "validity_time_s": sum(check_s) / len(check_s) if check_s else None,  # mean per epoch
     }
+
+
+def _fmt(value: float | None) -> str:
+    return "failed" if value is None else f"{value:.2e}"
+
+
+def _fixed_batch(data, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``size`` test images (float in [0, 1], on the data's device) and their labels:
+    the fixed batch of the validity and gradient-error checks (no random numbers drawn)."""
+    return next(iter(data.test_batches(int(size))))
+
+
+def _step_columns(train: dict[str, dict] | None, evals: dict | None, n_batches: int,
+                  eval_batches: int) -> dict:
+    """One epoch's step statistics (issue 13) for metrics.csv, from :class:`StepCounter` counts.
+
+    ``steps_accepted_*`` / ``steps_rejected_*``: mean steps per training iteration (forward
+    solves, the adjoint's backward solves) or per evaluation batch; a fixed-grid step counts as
+    accepted. Stiffness signs of the forward training solves: ``min_step``, the smallest accepted
+    step of the epoch (units of the ODE's time), and ``rejected_fraction`` = rejected /
+    (accepted + rejected) adaptive steps (0 for fixed-grid methods). All None when the counter is
+    off or saw no step (no ODE block, or an integrator without torchdiffeq's step callbacks).
+    """
+    if train is None or not train["forward"].get("attempted"):
+        return dict.fromkeys(STEP_FIELDS)
+    fwd, bwd, evals = train["forward"], train["backward"], evals or {}
+
+    def kept(counts: dict) -> int:
+        return counts.get("accepted", 0) + counts.get("grid", 0)
+
+    adaptive = fwd["accepted"] + fwd["rejected"]
+    return {
+        "steps_accepted_forward": kept(fwd) / n_batches,
+        "steps_rejected_forward": fwd["rejected"] / n_batches,
+        "steps_accepted_backward": kept(bwd) / n_batches,
+        "steps_rejected_backward": bwd.get("rejected", 0) / n_batches,
+        "steps_accepted_eval": kept(evals) / max(eval_batches, 1),
+        "steps_rejected_eval": evals.get("rejected", 0) / max(eval_batches, 1),
+        "min_step": fwd["min_step"],
+        "rejected_fraction": fwd["rejected"] / adaptive if adaptive else 0.0,
+    }
+
+
+def _validity_check(model: torch.nn.Module, data, inst) -> dict:
+    """The end-of-epoch validity columns (``trainer.instruments.validity``): reference and
+    round-trip errors of every ODE block on the fixed batch (:func:`nodebench.validity.
+    model_validity`), ``valid`` and the time the check took; None when off or without blocks."""
+    if not inst.get("validity", True) or not ode_blocks(model):
+        return dict.fromkeys(VALIDITY_FIELDS)
+    watch = time.perf_counter()
+    x, _ = _fixed_batch(data, inst.get("validity_batch", 64))
+    found = model_validity(model, x, float(inst.get("validity_threshold", DEFAULT_THRESHOLD)))
+    if found["validity_failure"]:
+        log.warning("validity check: %s", found["validity_failure"])
+    return {"validity_reference_error": found["validity_reference_error"],
+            "validity_roundtrip_error": found["validity_roundtrip_error"],
+            "valid": found["valid"], "validity_time_s": time.perf_counter() - watch}
+
+
+def _gradient_check(model: torch.nn.Module, data, inst) -> dict | None:
+    """Gradient error (``trainer.instruments.gradient_error``) of ``model`` on the fixed batch
+    against the float64 1e-9 direct-backprop reference (:func:`nodebench.validity.
+    gradient_error`), with the seconds it took; None when off or without ODE blocks."""
+    if not inst.get("gradient_error", True) or not ode_blocks(model):
+        return None
+    watch = time.perf_counter()
+    x, y = _fixed_batch(data, inst.get("gradient_error_batch", 16))
+    found = gradient_error(model, x, y)
+    if found["failure"]:
+        log.warning("gradient error check: %s", found["failure"])
+    return {**found, "time_s": time.perf_counter() - watch}
+
+
+def _grad_fields(when: str, found: dict | None) -> dict:
+    """``grad_rel_error_<when>``, ``grad_cosine_<when>`` (and the seconds the check took) for
+    summary.json; None when the check was off, failed, or (final) the run failed."""
+    found = found or {}
+    return {f"grad_rel_error_{when}": found.get("rel_error"),
+            f"grad_cosine_{when}": found.get("cosine"),
+            f"grad_check_time_s_{when}": found.get("time_s")}
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,

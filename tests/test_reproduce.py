@@ -37,3 +37,36 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
                  "--stages", "report"]) == 0
     after = {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in tables}
     assert before == after
+
+
+def test_every_profile_composes_and_validates_for_every_model():
+    from nodebench import config as C
+    from nodebench.experiments.mnist import MODELS, PROFILES
+
+    for name, profile in PROFILES.items():
+        for model in MODELS:
+            cfg = C.compose([f"model={model}", *profile["common"], *profile["models"][model]])
+            C.validate(cfg)
+            assert cfg.trainer.batch_size == (32 if name == "tiny" else 128), (name, model)
+        jobs = [job for lane in profile["lanes"] for job in lane]
+        assert sorted(jobs) == sorted([*MODELS, "memory"]), name   # every model, once
+    cpu = C.compose(["model=odenet", *PROFILES["cpu"]["common"], *PROFILES["cpu"]["models"]["odenet"]])
+    assert (cpu.solver.method, cpu.solver.rtol, cpu.solver.atol) == ("dopri5", 1e-3, 1e-3)
+    gpu = C.compose(["model=odenet", *PROFILES["gpu"]["common"]])
+    assert gpu.trainer.epochs == 12 and list(gpu.optim.scheduler.milestones) == [5, 8, 11]
+
+
+def test_gpu_profile_runs_at_a_tiny_size_on_cpu(tmp_path, monkeypatch):
+    # PROFILE=gpu is meant for one datacenter GPU; here it runs its whole train + report path on
+    # CPU at a tiny size (synthetic data, two batches), overriding only the size and the device.
+    monkeypatch.chdir(tmp_path)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    assert main(["--profile", "gpu", "--runs", str(runs), "--results", str(results),
+                 "--stages", "train,report", "--set", "dataset=synthetic", "trainer.device=cpu",
+                 "trainer.epochs=2", "trainer.max_batches=2", "trainer.batch_size=32",
+                 "optim.scheduler.milestones=[1]"]) == 0
+    summaries = [json.loads(p.read_text()) for p in runs.rglob("summary.json")]
+    assert sorted(s["model"] for s in summaries) == ["control", "mlp", "odenet", "resnet", "rknet"]
+    assert all(s["status"] == "ok" and s["epochs_done"] == 2 and s["iterations"] == 4
+               for s in summaries)
+    assert (results / "table1.md").exists()

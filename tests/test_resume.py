@@ -15,6 +15,7 @@ import torch
 
 from nodebench import train as T
 from nodebench.cli import main
+from nodebench.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["dataset=synthetic", "trainer.epochs=2", "trainer.max_batches=2", "trainer.batch_size=16",
@@ -50,7 +51,7 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_metrics(runs_dir, 
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (killed / "summary.json").exists()
-    state = torch.load(killed / T.CHECKPOINT, weights_only=False)
+    state = T.load_checkpoint(killed / T.CHECKPOINT)  # torch.load(weights_only=True)
     assert state["epoch"] in (1, 2) and len(state["rows"]) == state["epoch"]
 
     resumed = subprocess.Popen(command(killed), cwd=tmp_path, env=env,
@@ -94,7 +95,7 @@ def save_then_stop(epoch):
     return save_and_maybe_stop
 
 
-def test_resume_in_process_and_config_change_is_bad_input(runs_dir, monkeypatch):
+def test_resume_in_process_and_config_change_is_bad_input(runs_dir, monkeypatch, capsys):
     run_dir = runs_dir / "r"
     cmd = ["train", *TINY, "model=mlp", "trainer.epochs=3", "optim=adam",
            f"hydra.run.dir={run_dir}"]
@@ -102,10 +103,15 @@ def test_resume_in_process_and_config_change_is_bad_input(runs_dir, monkeypatch)
         m.setattr(T, "save_checkpoint", save_then_stop(epoch=2))
         main(cmd)
     assert list(metrics(run_dir).epoch) == [1, 2] and not (run_dir / "summary.json").exists()
+    hydra_config = (run_dir / ".hydra" / "config.yaml").read_text()
+    capsys.readouterr()
 
+    # refused before Hydra writes anything: one error line, .hydra/ not rewritten
     assert main([*cmd, "optim.optimizer.lr=0.5"]) == 2
-    assert "holds a checkpoint of another configuration (optim.optimizer.lr differ)" in \
-        (run_dir / "train.log").read_text()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nodebench: error:")
+    assert "holds a checkpoint of another configuration (optim.optimizer.lr differ)" in err[0]
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == hydra_config
 
     assert main(cmd) == 0
     assert main(["train", *TINY, "model=mlp", "trainer.epochs=3", "optim=adam",
@@ -113,3 +119,68 @@ def test_resume_in_process_and_config_change_is_bad_input(runs_dir, monkeypatch)
     pd.testing.assert_frame_equal(metrics(run_dir), metrics(runs_dir / "whole"),
                                   check_exact=True)
     assert json.loads((run_dir / "summary.json").read_text())["resumed_at_epochs"] == [3]
+
+
+def test_checkpoint_holds_only_tensors_and_plain_types(runs_dir, monkeypatch):
+    """What save_checkpoint writes loads with torch.load(weights_only=True), RNG states
+    included, and restores every random stream exactly."""
+    run_dir = runs_dir / "plain"
+    with monkeypatch.context() as m, pytest.raises(Interrupted):
+        m.setattr(T, "save_checkpoint", save_then_stop(epoch=1))
+        main(["train", *TINY, "model=mlp", f"hydra.run.dir={run_dir}"])
+    state = torch.load(run_dir / T.CHECKPOINT, map_location="cpu", weights_only=True)
+    assert json.loads(state["config_json"])["model"]["name"] == "mlp"
+    assert state["epoch"] == 1 and len(state["rows"]) == 1
+
+    import random
+
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(5)
+    saved = T.rng_states(gen)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(),
+                torch.rand(1, generator=gen).item())
+    T.set_rng_states(saved, gen)
+    assert (random.random(), np.random.rand(), torch.rand(1).item(),
+            torch.rand(1, generator=gen).item()) == expected
+
+
+class SideEffect:
+    """Unpickling this runs code: it writes the file named in ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
+
+
+def test_crafted_checkpoint_is_refused_and_its_code_never_runs(runs_dir, capsys, tmp_path):
+    run_dir = runs_dir / "crafted"
+    run_dir.mkdir(parents=True)
+    marker = tmp_path / "pwned.txt"
+    torch.save({"epoch": 1, "config_json": "{}", "payload": SideEffect(marker)},
+               run_dir / T.CHECKPOINT)
+
+    with pytest.raises(ConfigError, match="cannot load .*checkpoint.pt safely"):
+        T.load_checkpoint(run_dir / T.CHECKPOINT)
+    code = main(["train", *TINY, "model=mlp", f"hydra.run.dir={run_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("nodebench: error:")
+    assert str(run_dir / T.CHECKPOINT) in err[0]
+    assert not marker.exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == [T.CHECKPOINT]  # nothing written
+
+
+def test_crafted_model_pt_is_refused_by_the_sweep_loader(runs_dir, tmp_path):
+    from nodebench.sweep import load_trained
+
+    run_dir = runs_dir / "done"
+    assert main(["train", *TINY, "model=mlp", "trainer.epochs=1",
+                 f"hydra.run.dir={run_dir}"]) == 0
+    load_trained(run_dir)  # the real model.pt loads with weights_only=True
+    marker = tmp_path / "pwned.txt"
+    torch.save({"weight": SideEffect(marker)}, run_dir / "model.pt")
+    with pytest.raises(ConfigError, match="cannot load .*model.pt safely"):
+        load_trained(run_dir)
+    assert not marker.exists()

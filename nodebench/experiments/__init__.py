@@ -13,11 +13,14 @@ def folders(name: str, profile: str, runs: str | None,
             results: str | None) -> tuple[str, Path, Path]:
     """Experiment name and its run and results folders.
 
-    Defaults: ``runs/<name>-<profile>``; ``results/<name>`` for the default ``cpu`` profile and
-    ``results/<name>-<profile>`` for the others.
+    Defaults: ``runs/<name>-<profile>``; ``results/<name>`` for the default ``cpu`` profile,
+    ``results/<name>-<profile>`` for the others, except the ``tiny`` smoke profiles, whose results
+    go to ``runs/<name>-tiny-results`` (ignored by git), never into the committed results/ tree.
     """
     experiment = f"{name}-{profile}"
-    default_results = f"results/{name}" if profile == "cpu" else f"results/{experiment}"
+    default_results = (f"results/{name}" if profile == "cpu" else
+                       f"runs/{experiment}-results" if profile == "tiny" else
+                       f"results/{experiment}")
     return experiment, Path(runs or f"runs/{experiment}"), Path(results or default_results)
 
 

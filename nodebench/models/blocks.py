@@ -106,10 +106,16 @@ class ODEBlock(nn.Module):
         self.augment_dim = augment_dim
         self.register_buffer("t", torch.tensor([0.0, float(t1)]), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def initial_state(self, x: torch.Tensor) -> torch.Tensor:
+        """``y(0)`` for the input ``x`` (B, C, ...): ``x`` with ``augment_dim`` zero channels
+        appended, (B, C + augment_dim, ...)."""
         if self.augment_dim:
             pad = x.new_zeros((x.shape[0], self.augment_dim) + tuple(x.shape[2:]))
             x = torch.cat([x, pad], dim=1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.initial_state(x)
         return odesolve(self.func, x, self.t.to(x.dtype), self.solver, self.gradient)[-1]
 
     def extra_repr(self) -> str:
