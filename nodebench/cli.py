@@ -146,6 +146,37 @@ def _job_run_dir(cfg, overrides: list[str], multirun: bool, num: int) -> Path | 
     return None if base is None or sub is None else base / sub
 
 
+def claim_folder(path: Path) -> Path:
+    """Create ``path`` atomically (``os.mkdir``) and return it; when it exists already (another
+    run started in the same second with the same model and seed), claim ``<path>_2``,
+    ``<path>_3``, ... instead, so two runs never share a folder, even across processes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        candidate = path if k == 1 else path.with_name(f"{path.name}_{k}")
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise ConfigError(f"cannot find a free run folder name beside {path}")
+
+
+def _default_folder(overrides: list[str], multirun: bool) -> list[str]:
+    """When the user did not choose the run (sweep) folder, the override that sets the default,
+    time-stamped one, claimed with :func:`claim_folder`; [] otherwise."""
+    from . import config as C
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if _has_override(overrides, key):
+        return []
+    jobs = C.expand_sweep(overrides) if multirun else [overrides]
+    path = _select_path(C.compose(jobs[0], return_hydra_config=True), key)
+    if path is None:
+        return []
+    return [f"{key}='{claim_folder(path)}'"]
+
+
 def prevalidate(overrides: list[str], multirun: bool, check_files: bool = True) -> int:
     """Compose and validate every job (Hydra's own overrides included), check that its run folder
     can be written and does not hold a finished run or a checkpoint of another configuration;
@@ -224,6 +255,7 @@ def cmd_train(args: list[str]) -> int:
     n_jobs, refused = 0, None
     if not no_run:
         n_jobs = prevalidate(overrides, multirun)
+        args = [*args, *_default_folder(overrides, multirun)]
     elif "--cfg" in flags or "-c" in flags:
         # --cfg prints the config; one that a run would refuse is printed, then refused
         try:

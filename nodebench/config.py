@@ -36,21 +36,6 @@ if not OmegaConf.has_resolver("nb.root"):
     OmegaConf.register_new_resolver(
         "nb.root", lambda sub="": str(CONF_DIR.resolve().parent / str(sub)))
 
-_RUN_IDS: dict[str, int] = {}
-
-
-def _run_id() -> str:
-    """A name part that two runs never share: the process id, plus a counter for the later runs
-    of the same process (tests and notebooks start several in one process)."""
-    pid = str(os.getpid())
-    n = _RUN_IDS.get(pid, 0)
-    _RUN_IDS[pid] = n + 1
-    return f"p{pid}" + (f"-{n}" if n else "")
-
-
-if not OmegaConf.has_resolver("nb.run_id"):
-    # Part of the default hydra.run.dir (conf/train.yaml); cached per config like ${now:...}.
-    OmegaConf.register_new_resolver("nb.run_id", _run_id, use_cache=True)
 
 
 def one_line(exc: BaseException) -> str:

@@ -34,16 +34,19 @@ class NFECounter:
     """Counts evaluations of each dynamics module, split by phase.
 
     Phases are set by the training loop: ``forward`` (the forward solve), ``backward`` (during
-    ``loss.backward()``: non-zero only for adjoint gradients), ``eval``.
+    ``loss.backward()``: non-zero only for adjoint gradients), ``eval``. With ``count=False`` no
+    hook is attached (``trainer.instruments.nfe=false``): the phases still switch (the step
+    counter reads them) and every count stays 0.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, count: bool = True) -> None:
         self.blocks = [name or "dynamics" for name, m in model.named_modules()
                        if isinstance(m, Dynamics)]
         self.phase: str | None = None
+        self.counting = count   # False (trainer.instruments.nfe=false): phases only, no hooks
         self.counts: dict[str, int] = defaultdict(int)
         self._handles = [m.register_forward_pre_hook(self._hook)
-                         for m in model.modules() if isinstance(m, Dynamics)]
+                         for m in model.modules() if isinstance(m, Dynamics)] if count else []
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
         if self.phase is not None:
@@ -157,7 +160,7 @@ class StepCounter:
         self.counts[(phase, kind)] += 1
         if kind == "rejected":
             return
-        h = abs(float(dt))  # a sync on CUDA; the solvers already sync once per step
+        h = abs(float(dt.detach() if isinstance(dt, torch.Tensor) else dt))  # a sync on CUDA
         table = self._min_accepted if kind == "accepted" else self._min_attempted
         if h < table.get(phase, math.inf):
             table[phase] = h

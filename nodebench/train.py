@@ -241,7 +241,8 @@ def evaluate(model: torch.nn.Module, data, batch_size: int, nfe: NFECounter) -> 
             wrong += (model(x).argmax(1) != y).sum().item()
             total += y.numel()
             batches += 1
-    return 100.0 * wrong / max(total, 1), nfe.take("eval") / max(batches, 1)
+    nfe_eval = nfe.take("eval") / max(batches, 1) if nfe.counting else None
+    return 100.0 * wrong / max(total, 1), nfe_eval
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -287,7 +288,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only needed here
 
-    nfe = NFECounter(model)
+    nfe = NFECounter(model, count=bool(t.instruments.get("nfe", True)))
     meter = ActivationMeter(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     inst = t.instruments
@@ -386,7 +387,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if step % t.log_every == 0:
                     writer.add_scalar("train/loss", loss_value, step)
                     writer.add_scalar("time/iter_s", iter_s, step)
-                    if nfe.active:
+                    if nfe.active and nfe.counting:
                         writer.add_scalar("train/nfe_forward", nf, step)
                         writer.add_scalar("train/nfe_backward", nb, step)
                     if steps is not None and steps.active:
@@ -417,7 +418,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "epoch": epoch, "lr": lr, "train_loss": sums["loss"] / max(sums["seen"], 1),
                 "train_error": 100.0 * sums["wrong"] / max(sums["seen"], 1),
                 "test_error": test_error,
-                "nfe_forward": sums["nfe_f"] / n_batches, "nfe_backward": sums["nfe_b"] / n_batches,
+                "nfe_forward": sums["nfe_f"] / n_batches if nfe.counting else None,
+                "nfe_backward": sums["nfe_b"] / n_batches if nfe.counting else None,
                 "nfe_eval": nfe_eval,
                 "implicit_iters_forward": _per_step(epoch_iters, "forward"),
                 "implicit_iters_backward": _per_step(epoch_iters, "backward"),
@@ -433,9 +435,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             rows.append(row)
             _write_metrics(run_dir / "metrics.csv", rows)
             for key in ("train_loss", "train_error", "nfe_forward", "nfe_backward"):
-                writer.add_scalar(f"epoch/{key}", row[key], epoch)
+                if row[key] is not None:
+                    writer.add_scalar(f"epoch/{key}", row[key], epoch)
             writer.add_scalar("eval/test_error", test_error, epoch)
-            writer.add_scalar("eval/nfe", nfe_eval, epoch)
+            if nfe_eval is not None:
+                writer.add_scalar("eval/nfe", nfe_eval, epoch)
             writer.add_scalar("train/lr", lr, epoch)
             writer.add_scalar("time/epoch_s", train_time, epoch)
             if inst.memory:
@@ -461,7 +465,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                          inst.get("validity_threshold", DEFAULT_THRESHOLD))
             log.info("epoch %d/%d  loss %.4f  test error %.2f%%  NFE f/b %.1f/%.1f  "
                      "mem %.1f MiB  %.1f s", epoch, t.epochs, row["train_loss"], test_error,
-                     row["nfe_forward"], row["nfe_backward"], row["activation_mib"] or 0.0,
+                     row["nfe_forward"] or 0.0, row["nfe_backward"] or 0.0,
+                     row["activation_mib"] or 0.0,
                      train_time)
             if t.get("checkpoint", True):
                 save_checkpoint(run_dir / CHECKPOINT, {
@@ -495,9 +500,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary["contended"] = contended(summary)
     if t.save_model and summary["status"] == "ok":
         torch.save(model.state_dict(), run_dir / "model.pt")
-    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-               for k, v in summary.items() if k in ("model", "solver", "gradient", "dataset",
-                                                      "seed", "params", "status")}
+    # the full solver description (method, tolerances or step size) and gradient mode; '-' for
+    # models without an ODE block (never the string 'None')
+    hparams = {"model": summary["model"], "solver": summary["solver_desc"] or "-",
+               "gradient": summary["gradient"] or "-", "dataset": summary["dataset"],
+               "seed": summary["seed"], "params": summary["params"], "status": summary["status"]}
     final = {f"hparam/{k}": summary[k] for k in ("test_error", "nfe_forward")
              if isinstance(summary.get(k), (int, float))}
     writer.add_hparams(hparams, final, run_name=".")

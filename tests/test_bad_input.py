@@ -333,3 +333,19 @@ def test_tolerances_belong_to_methods_that_read_them():
         Solver("rk4", step_size=0.25, rtol=1e-4)
     assert Solver("implicit_adams", step_size=0.25, rtol=1e-4).rtol == 1e-4
     assert Solver("dopri5").rtol == 1e-3
+
+
+def test_nfe_switch_off_counts_and_writes_no_nfe(runs_dir):
+    # trainer.instruments.nfe=false was accepted and ignored: NFE were still counted and written
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["train", *TINY, "model=odenet", "trainer.instruments.nfe=false",
+                 "trainer.instruments.validity=false", "trainer.instruments.gradient_error=false",
+                 f"hydra.run.dir={runs_dir}/off"]) == 0
+    summary = json.loads((runs_dir / "off" / "summary.json").read_text())
+    assert summary["status"] == "ok"
+    assert summary["nfe_forward"] is None and summary["nfe_backward"] is None
+    assert summary["nfe_eval"] is None
+    acc = EventAccumulator(str(runs_dir / "off"))
+    acc.Reload()
+    assert not [t for t in acc.Tags()["scalars"] if "nfe" in t]

@@ -109,3 +109,38 @@ def test_report_cli(tree, tmp_path, capsys):
     assert (tmp_path / "o" / "table.md").exists()
     assert main(["report", str(tmp_path / "empty-nothing")]) == 2
     assert capsys.readouterr().err.strip().startswith("nodebench: error: no summary.json")
+
+
+def test_report_skips_foreign_run_records_in_one_line(tree, capsys):
+    # an ANODE/dynamics/latent driver's summary.json (no trainer config) crashed the report
+    d = tree / "anode" / "g1d_node_r0"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"status": "ok", "task": "g1d", "loss": 1.0}))
+    (tree / "broken").mkdir()
+    (tree / "broken" / "summary.json").write_text("{not json")
+    df = collect(tree)
+    assert len(df) == 6                        # the six nodebench train runs, nothing else
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "skipped 2 run record(s)" in err[0]
+
+
+def test_budget_counts_max_batches_and_rows_split_on_every_differing_setting(tmp_path):
+    from nodebench.report import budget_line
+
+    ode = {"model": "odenet", "solver": "dopri5", "solver_desc": "dopri5 rtol=0.001 atol=0.001",
+           "gradient": "adjoint", "params": 208266, "epochs_done": 1}
+    cfg = {"trainer": {"epochs": 1, "batch_size": 128, "max_batches": 3},
+           "solver": {"max_num_steps": 1000}}
+    write_run(tmp_path, "a/odenet_s0", seed=0, config=cfg, **ode)
+    write_run(tmp_path, "a/odenet_s0_again", seed=0, config=cfg, test_error=5.0, **ode)
+    write_run(tmp_path, "a/odenet_s1", seed=1, config=cfg, **ode)
+    other = {"trainer": cfg["trainer"], "solver": {"max_num_steps": 50}}
+    write_run(tmp_path, "b/odenet_s0", seed=0, config=other, **ode)
+    df = collect(tmp_path)
+    assert "(3 iterations)" in budget_line(df)      # 3 batches of 128, not "1 ep x 1,000 img"
+    t = table1(df)
+    assert sorted(t.model) == ["ODE-Net (solver.max_num_steps=1000)",
+                               "ODE-Net (solver.max_num_steps=50)"]
+    row = t.set_index("model").loc["ODE-Net (solver.max_num_steps=1000)"]
+    assert row["runs"] == "2 ok"                    # seed 0 counted once (its last run kept)
+    assert row["test error % (last)"] == "3.00 ± 2.83"   # mean/std of 5.0 and 1.0
