@@ -176,7 +176,7 @@ KEYS = ("steps_accepted_forward", "steps_rejected_forward", "steps_accepted_back
 def test_train_writes_steps_validity_and_gradient_error(runs_dir, model):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert main(["train", *TINY, f"model={model}"]) == 0
+    assert main(["train", *TINY, f"model={model}", "trainer.instruments.gradient_error=true"]) == 0
     path = next(runs_dir.rglob("summary.json"))
     s = json.loads(path.read_text())
     assert s["status"] == "ok"

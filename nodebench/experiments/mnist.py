@@ -53,7 +53,7 @@ PROFILES: dict[str, dict] = {
         # Each lane runs its jobs one after another; lanes run side by side. "memory" is the
         # memory-scaling stage. Measured on the idle 2-core machine (results/README.md): one-thread
         # ODE-Net and RK-Net side by side train 0.243 + 0.380 it/s, one after another with 2 threads
-        # 0.386 or 0.641 it/s, so two lanes finish the same work about 15 minutes sooner.
+        # 0.386 or 0.641 it/s, so the two lanes finish the profile about 10 minutes sooner.
         "lanes": [["odenet"], ["rknet", "resnet", "control", "mlp", "memory"]],
         "threads": 1,
         "targets": {"mlp": 1.9, "resnet": 0.55, "rknet": 0.7, "odenet": 0.7},
