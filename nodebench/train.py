@@ -36,8 +36,14 @@ from tqdm import tqdm
 from . import config as C
 from .errors import ConfigError, SolverFailure, classify_solver_error
 from .implicit import STATS as IMPLICIT_STATS
-from .instruments import (ActivationMeter, NFECounter, StepCounter, Stopwatch, merge_steps,
-                          steps_done)
+from .instruments import (
+    ActivationMeter,
+    NFECounter,
+    StepCounter,
+    Stopwatch,
+    merge_steps,
+    steps_done,
+)
 from .models.blocks import count_parameters
 from .validity import DEFAULT_THRESHOLD, gradient_error, model_validity, ode_blocks
 

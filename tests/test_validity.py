@@ -12,8 +12,13 @@ from torch import nn
 from nodebench.cli import main
 from nodebench.models.blocks import Dynamics, ODEBlock
 from nodebench.solvers import Gradient, Solver, odesolve
-from nodebench.validity import (DEFAULT_THRESHOLD, gradient_error, model_validity,
-                                relative_error, solve_validity)
+from nodebench.validity import (
+    DEFAULT_THRESHOLD,
+    gradient_error,
+    model_validity,
+    relative_error,
+    solve_validity,
+)
 
 F64 = torch.float64
 T01 = torch.tensor([0.0, 1.0], dtype=F64)
