@@ -151,8 +151,8 @@ def schedule(models=("resnet", "control", "rknet", "odenet"), iters: int = 6) ->
     def worker(name: str, threads: int, cl: bool | None = None) -> list[str]:
         cl = name in ("resnet", "control") if cl is None else cl
         return [sys.executable, "-c",
-                "from nodebench.bench import _schedule_worker as w; "
-                f"print(w({name!r}, {threads}, {iters}, {cl}))"]
+                ("from nodebench.bench import _schedule_worker as w; "
+                f"print(w({name!r}, {threads}, {iters}, {cl}))")]
 
     rows = []
     for name in models:

@@ -80,7 +80,7 @@ def _keys_of(cfg: DictConfig, key: str) -> str:
     """``key``'s parent node and the keys it has, for an error message."""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    keys = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    keys = sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
     where = f"valid keys in {parent}" if parent else "valid top-level keys"
     return f"{where}: {', '.join(keys) or 'none'}"
 

@@ -81,6 +81,7 @@ No gradient is returned for the time points ``t``. Double backward is not suppor
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,7 +228,7 @@ def _initial_step(func: Callable, t0: float, y0: torch.Tensor, f0: torch.Tensor,
 
 def _check_times(t: torch.Tensor) -> list[float]:
     ts = [float(x) for x in t.detach().cpu().tolist()]
-    if any(b <= a for a, b in zip(ts, ts[1:])):
+    if any(b <= a for a, b in itertools.pairwise(ts)):
         raise ValueError("gradient modes checkpointed, aca and mali need strictly increasing t")
     return ts
 
@@ -307,7 +308,7 @@ def rk_forward(func: Callable, tab: Tableau, y0: torch.Tensor, ts: list[float], 
     if tab.e is None:  # fixed grid
         if ctl.step_size is None:
             raise ConfigError(f"{tab.name} is fixed-step: set solver.step_size")
-        for t0, t1 in zip(ts, ts[1:]):
+        for t0, t1 in itertools.pairwise(ts):
             for s, h in _fixed_grid(t0, t1, ctl.step_size):
                 y = rk_step(func, tab, s, y, h)
                 grid.append((s, h))
@@ -425,7 +426,7 @@ def alf_forward(func: Callable, y0: torch.Tensor, ts: list[float], ctl: Control,
     grid: list[tuple[float, float]] = []
     outputs, out_step = [y0], [0]
     if ctl.step_size is not None:
-        for t0, t1 in zip(ts, ts[1:]):
+        for t0, t1 in itertools.pairwise(ts):
             for s, h in _fixed_grid(t0, t1, ctl.step_size):
                 y, v, _ = alf_step(func, s, h, y, v, eta)
                 grid.append((s, h))

@@ -119,7 +119,7 @@ def collect(runs: list[Path] | Path, quiet: bool = False) -> pd.DataFrame:
 def _differing(df: pd.DataFrame, settings: list[dict]) -> list[str]:
     """Per run, 'key=value, ...' for the settings that differ between runs of its model."""
     out = [""] * len(df)
-    for _, idx in df.groupby("model", sort=False).groups.items():
+    for idx in df.groupby("model", sort=False).groups.values():
         idx = list(idx)
         keys = sorted({k for i in idx for k in settings[i]})
         varying = [k for k in keys if len({json.dumps(settings[i].get(k), default=str)

@@ -86,7 +86,7 @@ def _check_option(key: str, value: Any) -> None:
     elif key == "interp":
         if value not in ("linear", "cubic"):
             raise ConfigError(f"{name} must be linear or cubic, got {value!r}")
-    elif key == "max_iters":
+    elif key == "max_iters":  # noqa: SIM102 - one branch per option
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 

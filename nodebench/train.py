@@ -174,7 +174,7 @@ def read_summary(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+            raise ValueError("not a JSON object")  # noqa: TRY004 - caught below
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}; remove it or use another "
                           f"hydra.run.dir") from None
