@@ -30,7 +30,22 @@ from .models.blocks import Dynamics
 MIB = 2.0 ** 20
 
 
-class NFECounter:
+class _Phases:
+    """The phase an instrument counts into (``forward``, ``backward``, ``eval`` or None)."""
+
+    phase: str | None = None
+
+    @contextmanager
+    def phase_(self, phase: str) -> Iterator[None]:
+        """Count into ``phase`` while the context is open."""
+        previous, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = previous
+
+
+class NFECounter(_Phases):
     """Counts evaluations of each dynamics module, split by phase.
 
     Phases are set by the training loop: ``forward`` (the forward solve), ``backward`` (during
@@ -51,14 +66,6 @@ class NFECounter:
     def _hook(self, module: nn.Module, args: tuple) -> None:
         if self.phase is not None:
             self.counts[self.phase] += 1
-
-    @contextmanager
-    def phase_(self, phase: str) -> Iterator[None]:
-        previous, self.phase = self.phase, phase
-        try:
-            yield
-        finally:
-            self.phase = previous
 
     def take(self, phase: str) -> int:
         """Return and reset the count of ``phase``."""
@@ -88,7 +95,7 @@ _UNSUPPORTED_WARNING = (r"Solver '[^']*' does not support callbacks "
                         r"\{'callback_(accept|reject)_step'(, 'callback_(accept|reject)_step')?\}$")
 
 
-class StepCounter:
+class StepCounter(_Phases):
     """Accepted and rejected steps of every ODE solve, split by phase, counted from outside.
 
     For every :class:`~nodebench.models.Dynamics` module of ``model`` (found by type), sets the
@@ -164,15 +171,6 @@ class StepCounter:
         table = self._min_accepted if kind == "accepted" else self._min_attempted
         if h < table.get(phase, math.inf):
             table[phase] = h
-
-    @contextmanager
-    def phase_(self, phase: str) -> Iterator[None]:
-        """Count into ``phase`` while the context is open (when no ``phases`` object was given)."""
-        previous, self.phase = self.phase, phase
-        try:
-            yield
-        finally:
-            self.phase = previous
 
     def take(self, phase: str) -> dict:
         """Return and reset the counts of ``phase``.
