@@ -45,16 +45,11 @@ NOT_A_SETTING = ("seed", "experiment", "paths.", "trainer.progress", "trainer.th
                  "dataset.root", "dataset.check", "hydra.")
 
 
-def _flat(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out: dict = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: json.dumps(node, sort_keys=True) if isinstance(node, list) else node}
-
-
 def _settings(cfg: dict) -> dict:
+    """The run's config flattened to dotted keys (the trainer's own flattening, which its resume
+    check compares), less the keys that do not change a run's numbers."""
+    from .train import _flat
+
     return {k: v for k, v in _flat(cfg).items() if not k.startswith(NOT_A_SETTING)}
 
 
