@@ -292,6 +292,76 @@ def rk_step(func: Callable, tab: Tableau, t0: float, y0: torch.Tensor, h: float)
     return _combine(y0, h, tab.b, ks)
 
 
+def _notify(func: Callable, name: str, t: float, y: torch.Tensor, h: float) -> None:
+    """Call ``func.<name>(t, y, dt)`` when the dynamics has it: torchdiffeq 0.2.5's step
+    callbacks (``callback_step`` at each attempt, ``callback_accept_step`` /
+    ``callback_reject_step`` on the verdict, ``*_adjoint`` in a backward pass), so
+    :class:`nodebench.instruments.StepCounter` counts nodebench's own integrators' steps too."""
+    callback = getattr(func, name, None)
+    if callback is not None:
+        callback(_time(t, y), y, _time(h, y))
+
+
+def _march(func: Callable, name: str, ts: list[float], ctl: Control, q: int, state: list,
+           attempt: Callable, h0: float | None, on_output: Callable | None = None):
+    """The step loop shared by the Runge-Kutta and ALF integrators: fixed grid when ``h0`` is
+    None (``ctl.step_size``), else adaptive from the first step ``h0`` (module doc: step
+    control, output times hit exactly).
+
+    ``state`` is the integrator's mutable state, a list whose first item is ``y``;
+    ``attempt(t, h, state) -> (new_state, err)`` tries one step (``err`` None on a fixed grid)
+    and may update ``state`` in place with what stays valid after a rejection (e.g. ``f(t, y)``).
+    ``on_output(state)`` is called at each output time after the first. Returns ``(grid,
+    marks, accepted)``: the accepted steps ``[(t_k, h_k)]``, the number of accepted steps when
+    each output time is reached (``marks[0] = 0``), and the list of accepted states.
+
+    Raises SolverFailure when ``max_num_steps`` attempts are exceeded, the step underflows, or
+    the state turns non-finite.
+    """
+    grid: list[tuple[float, float]] = []
+    marks, accepted = [0], []
+    if h0 is None:
+        for t0, t1 in itertools.pairwise(ts):
+            for s, h in _fixed_grid(t0, t1, ctl.step_size):
+                _notify(func, "callback_step", s, state[0], h)
+                state, _ = attempt(s, h, state)
+                grid.append((s, h))
+                accepted.append(state)
+            marks.append(len(grid))
+            if on_output is not None:
+                on_output(state)
+        return grid, marks, accepted
+    h, attempts, t = h0, 0, ts[0]
+    for t_out in ts[1:]:
+        while t < t_out:
+            attempts += 1
+            if attempts > ctl.max_num_steps:
+                raise SolverFailure(f"max_num_steps exceeded ({ctl.max_num_steps}) in "
+                                    f"{name} at t={t:.4g}")
+            step = min(h, t_out - t)
+            last = step >= t_out - t
+            if not t + step > t or not math.isfinite(step):
+                raise SolverFailure(f"underflow in dt {step!r} in {name} at t={t:.4g}")
+            _notify(func, "callback_step", t, state[0], step)
+            new, err = attempt(t, step, state)
+            ratio = ctl.ratio(err, state[0], new[0])
+            if not math.isfinite(ratio):
+                raise SolverFailure(f"non-finite state in {name} at t={t:.4g}")
+            if ratio <= 1.0:
+                _notify(func, "callback_accept_step", t, state[0], step)
+                grid.append((t, step))
+                t = t_out if last else t + step
+                state = new
+                accepted.append(state)
+            else:
+                _notify(func, "callback_reject_step", t, state[0], step)
+            h = ctl.next_step(step, ratio, q)
+        marks.append(len(grid))
+        if on_output is not None:
+            on_output(state)
+    return grid, marks, accepted
+
+
 def rk_forward(func: Callable, tab: Tableau, y0: torch.Tensor, ts: list[float], ctl: Control):
     """The solve (graph-free under no_grad; with grad enabled, direct backprop through the
     same steps). Returns ``(grid, states, out_index)``: the accepted steps
@@ -299,53 +369,31 @@ def rk_forward(func: Callable, tab: Tableau, y0: torch.Tensor, ts: list[float], 
     state) and, for each output time ``ts[i]``, the index of its state in ``states``.
 
     Raises SolverFailure when ``max_num_steps`` attempts are exceeded, the step underflows, or
-    the state turns non-finite.
+    the state turns non-finite; ConfigError for a fixed-step method without a step size.
     """
-    grid: list[tuple[float, float]] = []
-    states = [y0]
-    out_index = [0]
-    y = y0
     if tab.e is None:  # fixed grid
         if ctl.step_size is None:
             raise ConfigError(f"{tab.name} is fixed-step: set solver.step_size")
-        for t0, t1 in itertools.pairwise(ts):
-            for s, h in _fixed_grid(t0, t1, ctl.step_size):
-                y = rk_step(func, tab, s, y, h)
-                grid.append((s, h))
-                states.append(y)
-            out_index.append(len(states) - 1)
-        return grid, states, out_index
-    f0 = func(_time(ts[0], y), y)
-    h = _initial_step(func, ts[0], y, f0, tab.q, ctl)
-    attempts = 0
-    t = ts[0]
-    for t_out in ts[1:]:
-        while t < t_out:
-            attempts += 1
-            if attempts > ctl.max_num_steps:
-                raise SolverFailure(f"max_num_steps exceeded ({ctl.max_num_steps}) in "
-                                    f"{tab.name} at t={t:.4g}")
-            step = min(h, t_out - t)
-            last = step >= t_out - t
-            if not t + step > t or not math.isfinite(step):
-                raise SolverFailure(f"underflow in dt {step!r} in {tab.name} at t={t:.4g}")
-            if f0 is None:
-                f0 = func(_time(t, y), y)
-            ks = rk_stages(func, tab, t, y, step, tab.stages, f0)
-            y1 = _combine(y, step, tab.b, ks)
-            err = _combine(torch.zeros_like(y), step, tab.e, ks)
-            ratio = ctl.ratio(err, y, y1)
-            if not math.isfinite(ratio):
-                raise SolverFailure(f"non-finite state in {tab.name} at t={t:.4g}")
-            if ratio <= 1.0:
-                grid.append((t, step))
-                states.append(y1)
-                t = t_out if last else t + step
-                y = y1
-                f0 = ks[-1] if tab.fsal else None
-            h = ctl.next_step(step, ratio, tab.q)
-        out_index.append(len(states) - 1)
-    return grid, states, out_index
+
+        def fixed(t: float, h: float, state: list):
+            return [rk_step(func, tab, t, state[0], h)], None
+
+        grid, marks, accepted = _march(func, tab.name, ts, ctl, tab.q, [y0], fixed, None)
+        return grid, [y0] + [s[0] for s in accepted], marks
+
+    def adaptive(t: float, h: float, state: list):
+        y, f0 = state
+        if f0 is None:
+            state[1] = f0 = func(_time(t, y), y)  # still valid if the step is rejected
+        ks = rk_stages(func, tab, t, y, h, tab.stages, f0)
+        y1 = _combine(y, h, tab.b, ks)
+        err = _combine(torch.zeros_like(y), h, tab.e, ks)
+        return [y1, ks[-1] if tab.fsal else None], err
+
+    f0 = func(_time(ts[0], y0), y0)
+    h0 = _initial_step(func, ts[0], y0, f0, tab.q, ctl)
+    grid, marks, accepted = _march(func, tab.name, ts, ctl, tab.q, [y0, f0], adaptive, h0)
+    return grid, [y0] + [s[0] for s in accepted], marks
 
 
 class _CheckpointSolve(torch.autograd.Function):
@@ -378,6 +426,7 @@ class _CheckpointSolve(torch.autograd.Function):
             if k in pending:
                 a = a + pending[k]
             t0, h = grid[k - 1]
+            _notify(func, "callback_step_adjoint", t0, stacked[k - 1], h)  # a re-run step
             with torch.enable_grad():
                 y = stacked[k - 1].detach().requires_grad_(True)
                 y1 = rk_step(func, tab, t0, y, h)
@@ -420,44 +469,23 @@ def alf_inverse(func: Callable, t0: float, h: float, y_new: torch.Tensor, v_new:
 def alf_forward(func: Callable, y0: torch.Tensor, ts: list[float], ctl: Control, eta: float):
     """The ALF solve (graph-free under no_grad). Returns ``(grid, outputs, out_step, y_N,
     v_N)``: the accepted steps ``[(t_k, h_k)]``, the states at the output times, the number of
-    accepted steps taken when each output time is reached, and the final augmented state."""
-    v = func(_time(ts[0], y0), y0)
-    y = y0
-    grid: list[tuple[float, float]] = []
-    outputs, out_step = [y0], [0]
-    if ctl.step_size is not None:
-        for t0, t1 in itertools.pairwise(ts):
-            for s, h in _fixed_grid(t0, t1, ctl.step_size):
-                y, v, _ = alf_step(func, s, h, y, v, eta)
-                grid.append((s, h))
-            outputs.append(y)
-            out_step.append(len(grid))
-        return grid, outputs, out_step, y, v
-    h = _initial_step(func, ts[0], y0, v, 1, ctl)
-    attempts = 0
-    t = ts[0]
-    for t_out in ts[1:]:
-        while t < t_out:
-            attempts += 1
-            if attempts > ctl.max_num_steps:
-                raise SolverFailure(f"max_num_steps exceeded ({ctl.max_num_steps}) in mali "
-                                    f"(ALF) at t={t:.4g}")
-            step = min(h, t_out - t)
-            last = step >= t_out - t
-            if not t + step > t or not math.isfinite(step):
-                raise SolverFailure(f"underflow in dt {step!r} in mali (ALF) at t={t:.4g}")
-            y1, v1, err = alf_step(func, t, step, y, v, eta)
-            ratio = ctl.ratio(err, y, y1)
-            if not math.isfinite(ratio):
-                raise SolverFailure(f"non-finite state in mali (ALF) at t={t:.4g}")
-            if ratio <= 1.0:
-                grid.append((t, step))
-                t = t_out if last else t + step
-                y, v = y1, v1
-            h = ctl.next_step(step, ratio, 1)
-        outputs.append(y)
-        out_step.append(len(grid))
-    return grid, outputs, out_step, y, v
+    accepted steps taken when each output time is reached, and the final augmented state.
+    Fixed grid with ``solver.step_size``, else adaptive (error estimate of order 1, module doc)."""
+    v0 = func(_time(ts[0], y0), y0)
+    outputs = [y0]
+    last = [y0, v0]
+
+    def attempt(t: float, h: float, state: list):
+        y1, v1, err = alf_step(func, t, h, state[0], state[1], eta)
+        return [y1, v1], err
+
+    def output(state: list) -> None:
+        outputs.append(state[0])
+        last[:] = state
+
+    h0 = None if ctl.step_size is not None else _initial_step(func, ts[0], y0, v0, 1, ctl)
+    grid, marks, _ = _march(func, "mali (ALF)", ts, ctl, 1, [y0, v0], attempt, h0, output)
+    return grid, outputs, marks, last[0], last[1]
 
 
 class _MALISolve(torch.autograd.Function):
@@ -491,6 +519,7 @@ class _MALISolve(torch.autograd.Function):
             t0, h = grid[k - 1]
             with torch.no_grad():
                 y, v = alf_inverse(func, t0, h, y, v, eta)
+            _notify(func, "callback_step_adjoint", t0, y, h)  # a reconstructed, re-run step
             with torch.enable_grad():
                 yp = y.detach().requires_grad_(True)
                 vp = v.detach().requires_grad_(True)

@@ -206,3 +206,48 @@ def test_deepcopy_of_an_instrumented_model_is_not_counted_outside_a_phase():
     assert steps.take("forward")["attempted"] > 0 and nfe.take("forward") > 0
     twin(torch.randn(2, 3, dtype=F64))
     assert steps.take("forward")["attempted"] == 0 and nfe.take("forward") == 0
+
+
+@pytest.mark.parametrize("mode", ["checkpointed", "aca"])
+def test_own_dopri5_steps_counted_and_nfe_is_two_plus_six_per_attempt(mode):
+    """nodebench's own dopri5 (checkpointed, ACA) calls the same step callbacks as torchdiffeq:
+    the counts match an independent log, forward NFE = 2 + 6 (accepted + rejected) (first-step
+    choice, then 6 new stages per attempt, FSAL), and the backward pass re-runs each accepted
+    step once (6 stages each, counted as adjoint-phase grid steps)."""
+    func = Recording()
+    nfe = NFECounter(func)
+    steps = StepCounter(func, phases=nfe)
+    y0 = torch.ones(4, dtype=F64, requires_grad=True)
+    with nfe.phase_("forward"):
+        y = solve(func, Solver("dopri5", rtol=1e-6, atol=1e-6), mode, y0)
+    fwd, f = steps.take("forward"), nfe.take("forward")
+    assert fwd["accepted"] == count(func.log, "accept") > 0
+    assert fwd["rejected"] == count(func.log, "reject")
+    assert f == 2 + 6 * (fwd["accepted"] + fwd["rejected"])
+    with nfe.phase_("backward"):
+        y[-1].sum().backward()
+    bwd, b = steps.take("backward"), nfe.take("backward")
+    assert bwd["grid"] == fwd["accepted"] and bwd["accepted"] == bwd["rejected"] == 0
+    assert b == 6 * fwd["accepted"]  # the 6 stages y1 needs (the 7th, FSAL, is not re-run)
+
+
+def test_mali_steps_counted_and_nfe_is_two_plus_one_per_attempt():
+    """MALI's ALF: one f call per attempt after v0 = f(t0, y0) and the first-step choice; the
+    backward pass reconstructs and re-runs each accepted step (2 calls each) plus v0's call."""
+    func = Recording()
+    func.rate = 2.0  # leapfrog is unstable on fast decay: a gentle rate, still a rejected start
+    nfe = NFECounter(func)
+    steps = StepCounter(func, phases=nfe)
+    y0 = torch.ones(4, dtype=F64, requires_grad=True)
+    with nfe.phase_("forward"):
+        y = solve(func, Solver("dopri5", rtol=1e-3, atol=1e-3, options={"first_step": 1.0}),
+                  "mali", y0)
+    fwd, f = steps.take("forward"), nfe.take("forward")
+    assert fwd["rejected"] == count(func.log, "reject") > 0
+    assert fwd["accepted"] == count(func.log, "accept") > 0
+    assert f == 1 + fwd["accepted"] + fwd["rejected"]  # first_step given: no choice call
+    with nfe.phase_("backward"):
+        y[-1].sum().backward()
+    bwd, b = steps.take("backward"), nfe.take("backward")
+    assert bwd["grid"] == fwd["accepted"]
+    assert b == 2 * fwd["accepted"] + 1

@@ -96,25 +96,38 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             w.writerows(rows)
 
 
+def build_toy(task: str, model_name: str, seed: int, data_kwargs: dict | None = None,
+              training: dict = TOY_TRAINING):
+    """The toy data set and the model of ``fit_toy`` at initialisation: ``torch.manual_seed(seed)``,
+    then the data (its own seed), then the model (``TOY_MODELS``) with the training's solver and
+    gradient (a mode name or :class:`nodebench.solvers.Gradient`'s fields); the same weights as
+    ``fit_toy`` starts from. Returns ``(data, model)``."""
+    from ..solvers import Gradient, Solver
+    from ..toys import TOY_DATASETS, TOY_MODELS
+
+    torch.manual_seed(seed)
+    data = TOY_DATASETS[task](seed=seed, **(data_kwargs or {}))
+    solver = Solver(**training["solver"])
+    grad = training["gradient"]
+    grad = Gradient(**grad) if isinstance(grad, dict) else Gradient(grad)
+    model = TOY_MODELS[model_name](data.dim, solver=solver, gradient=grad,
+                                   hidden=training["hidden"], readout=TOY_TASKS[task]["readout"])
+    return data, model
+
+
 def fit_toy(task: str, model_name: str, seed: int, epochs: int, run_dir: Path,
             data_kwargs: dict | None = None, training: dict = TOY_TRAINING) -> dict:
-    """Train one toy model; write history.csv (one row per iteration), features.pt and
-    summary.json into ``run_dir``; return the summary.
+    """Train one toy model; write history.csv (one row per iteration), features.pt, model.pt
+    (final weights) and summary.json into ``run_dir``; return the summary.
 
     A numerical failure (max_num_steps exceeded, underflow in dt, non-finite loss) ends the run
     with ``status: failed``; its history up to that point is kept.
     """
     from ..errors import classify_solver_error
     from ..instruments import NFECounter, Stopwatch
-    from ..solvers import Gradient, Solver
-    from ..toys import TOY_DATASETS, TOY_MODELS
 
     torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    data = TOY_DATASETS[task](seed=seed, **(data_kwargs or {}))
-    solver = Solver(**training["solver"])
-    model = TOY_MODELS[model_name](data.dim, solver=solver, gradient=Gradient(training["gradient"]),
-                                   hidden=training["hidden"], readout=TOY_TASKS[task]["readout"])
+    data, model = build_toy(task, model_name, seed, data_kwargs, training)
     loss_fn = LOSSES[training["loss"]]()
     optimizer = torch.optim.Adam(model.parameters(), lr=training["lr"])
     nfe = NFECounter(model)
@@ -173,6 +186,7 @@ def _evaluate_toy(model, data, loss_fn, nfe, run_dir: Path) -> dict:
     torch.save({"x": data.x, "y": data.y, "features": feats, "test_x": data.test_x,
                 "test_y": data.test_y, "test_features": test_feats, "traj_index": keep,
                 "trajectory": traj}, run_dir / "features.pt")
+    torch.save(model.state_dict(), run_dir / "model.pt")  # final weights (gradient checks)
     return {"train_loss": loss_fn(out, data.y).item(),
             "train_accuracy": (torch.sign(out) == data.y).float().mean().item(),
             "test_loss": loss_fn(test_out, data.test_y).item(),

@@ -120,11 +120,13 @@ def _last_progress(log: Path) -> str:
 
 def _job_args(profile: dict, name: str, seed: int, runs: Path, experiment: str,
               profile_name: str, results: Path) -> list[str]:
+    if name in profile.get("stage_jobs", {}):  # a stage of another driver, as a lane job
+        return profile["stage_jobs"][name]
     if name == "memory":
         return ["-m", "nodebench.experiments.mnist", "--profile", profile_name, "--runs", str(runs),
                 "--results", str(results), "--stages", "memory",
                 *(["--threads", str(profile["threads"])] if profile["threads"] else [])]
-    return ["-m", "nodebench.cli", "train", f"model={name}", f"seed={seed}",
+    return ["-m", "nodebench.cli", "train", f"model={profile.get('model', name)}", f"seed={seed}",
             f"experiment={experiment}", f"paths.runs={runs.parent}", *profile["common"],
             *profile["models"][name], *profile.get("set", []),
             f"hydra.run.dir={runs}/{name}_s{seed}"]
@@ -132,7 +134,7 @@ def _job_args(profile: dict, name: str, seed: int, runs: Path, experiment: str,
 
 def run_lanes(profile: dict, profile_name: str, runs: Path, results: Path, experiment: str,
               models: tuple[str, ...] = MODELS, memory: bool = True,
-              heartbeat_s: float = 60.0) -> dict:
+              heartbeat_s: float = 60.0, everything: tuple[str, ...] = MODELS) -> dict:
     """Train the models (and the memory stage) in the profile's lanes: lanes side by side, the
     jobs of a lane one after another, each job a ``nodebench train`` subprocess whose output
     goes to ``<runs>/<job>.log``. Prints a progress line per lane every ``heartbeat_s`` seconds.
@@ -140,15 +142,22 @@ def run_lanes(profile: dict, profile_name: str, runs: Path, results: Path, exper
     A failed run is recorded in its summary.json and the lane goes on; a bad configuration
     (exit status 2) stops the reproduction. Returns the schedule record (lanes, wall time,
     1-minute load average at start, end and its maximum during the run).
+
+    A job's name selects its overrides, ``profile["models"][name]``, and the model to train,
+    ``profile["model"]`` when the profile has that key (every job the same model, e.g. the
+    gradient-mode comparison), else the name itself. When ``models`` is ``everything`` (all the
+    profile's jobs), previous runs in ``runs`` are removed first.
     """
-    if runs.exists() and set(models) == set(MODELS):
+    if runs.exists() and set(models) == set(everything):
         print(f"[reproduce] removing previous runs in {runs}")
         shutil.rmtree(runs)
     runs.mkdir(parents=True, exist_ok=True)
     lanes = []
     for lane in profile["lanes"]:
+        stage_jobs = profile.get("stage_jobs", {})
         jobs = [(m, seed) for seed in profile["seeds"] for m in lane
                 if (m == "memory" and memory) or m in models]
+        jobs += [(m, 0) for m in lane if m in stage_jobs]  # once, after the lane's trainings
         if jobs:
             lanes.append(jobs)
     current: dict[int, tuple[str, Path]] = {}
@@ -164,9 +173,10 @@ def run_lanes(profile: dict, profile_name: str, runs: Path, results: Path, exper
         for name, seed in jobs:
             if bad:
                 return
-            tag = name if name == "memory" else f"{name}_s{seed}"
+            stage = name == "memory" or name in profile.get("stage_jobs", {})
+            tag = name if stage else f"{name}_s{seed}"
             old = runs / tag
-            if name != "memory" and old.exists():
+            if not stage and old.exists():
                 shutil.rmtree(old)
             log = runs / f"{tag}.log"
             args = _job_args(profile, name, seed, runs, experiment, profile_name, results)
@@ -179,8 +189,8 @@ def run_lanes(profile: dict, profile_name: str, runs: Path, results: Path, exper
                 f"{time.time() - t0:.0f} s")
             if code == 2:
                 bad.append(f"bad configuration for {tag} (see {log})")
-            elif code != 0 and name == "memory":
-                bad.append(f"memory stage failed (see {log})")
+            elif code != 0 and stage:
+                bad.append(f"{name} stage failed (see {log})")
         current.pop(index, None)
 
     max_load = load_start
