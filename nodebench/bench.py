@@ -14,6 +14,10 @@ test: it prints what it measures on the machine it runs on.
 training iteration (batch 128, the runner step) of every Table-1 model and the control with 1 and
 with 2 torch threads alone, and of ODE-Net and RK-Net as two one-thread processes side by side
 (iterations per second of each), so that one can see which schedule trains more images per hour.
+
+``--checks`` measures what the solve checks cost on the ODE-Net (issue 13): the step counter's
+overhead per training iteration, and one validity and one gradient-error check, in seconds and
+in % of one MNIST epoch.
 """
 
 from __future__ import annotations
@@ -173,8 +177,48 @@ def schedule(models=("resnet", "control", "rknet", "odenet"), iters: int = 6) ->
     return rows
 
 
+def checks_cost(model_name: str = "odenet", batch: int = 128, iters: int = 5,
+                validity_batch: int = 16, gradient_batch: int = 16,
+                epoch_iterations: int = 469) -> dict:
+    """What the solve checks of issue 13 cost (seconds, and % of one MNIST epoch of
+    ``epoch_iterations`` training iterations): the step counter (median training iteration with
+    and without it), one validity check (``validity_batch`` images) and one gradient-error check
+    (``gradient_batch`` images), on MNIST-shaped random data at initialisation."""
+    from .instruments import StepCounter
+    from .validity import gradient_error, model_validity
+
+    cfg = C.compose([f"model={model_name}"])
+    torch.manual_seed(0)
+    model = C.build_model(cfg, 1, 28, 10)
+    x = torch.rand(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+    nfe, meter = NFECounter(model), ActivationMeter(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    step = functools.partial(_runner_step, model, opt, x, y, nfe, meter, False)
+    plain = _time(step, iters, 1)
+    steps = StepCounter(model, phases=nfe)
+    counted = _time(step, iters, 1)
+    steps.remove()
+    t0 = time.perf_counter()
+    model_validity(model, x[:validity_batch])
+    validity_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gradient_error(model, x[:gradient_batch], y[:gradient_batch])
+    gradient_s = time.perf_counter() - t0
+    it_s = statistics.median(plain)
+    epoch_s = it_s * epoch_iterations
+    return {"model": model_name, "iter_s": it_s,
+            "steps_overhead_%": 100 * (statistics.median(counted) / it_s - 1),
+            "validity_s": validity_s, "validity_%_of_epoch": 100 * validity_s / epoch_s,
+            "gradient_error_s": gradient_s,
+            "gradient_error_%_of_epoch": 100 * gradient_s / epoch_s}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nodebench.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--checks", action="store_true",
+                   help="measure the cost of the solve checks (steps, validity, gradient error) "
+                        "on the ODE-Net instead")
     p.add_argument("--models", nargs="+", default=["resnet", "rknet", "odenet"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--iters", type=int, default=5)
@@ -183,6 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", action="store_true",
                    help="measure the cpu profile's schedule instead (1 vs 2 threads, side by side)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.checks:
+        print(f"nodebench bench --checks: ODE-Net at initialisation, batch {a.batch}, "
+              f"{torch.get_num_threads()} thread(s); % of one MNIST epoch (469 iterations)")
+        r = checks_cost(batch=a.batch, iters=a.iters)
+        print(f"training iteration {r['iter_s']:.3f} s; step counter "
+              f"{r['steps_overhead_%']:+.1f}% per iteration")
+        print(f"validity check (16 images): {r['validity_s']:.2f} s = "
+              f"{r['validity_%_of_epoch']:.2f}% of an epoch")
+        print(f"gradient-error check (16 images): {r['gradient_error_s']:.1f} s = "
+              f"{r['gradient_error_%_of_epoch']:.2f}% of an epoch", flush=True)
+        return 0
     if a.schedule:
         print("nodebench bench --schedule: runner step, batch 128, median of "
               f"{a.iters} iterations after one warm-up")
@@ -192,8 +249,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'yes' if r['channels_last'] else 'no':>7} {r['s_per_iter']:8.3f} "
                   f"{1 / r['s_per_iter']:7.3f}", flush=True)
         return 0
-    if a.threads:
-        torch.set_num_threads(a.threads)
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"cpu, {torch.get_num_threads()} threads"
     print(f"nodebench bench: batch {a.batch}, median of {a.iters * a.rounds} iterations "

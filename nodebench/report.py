@@ -21,6 +21,10 @@ GROUP_KEYS = ["model", "solver_desc", "gradient", "dataset", "train_size", "epoc
               "setting"]
 MEASURED = ["test_error", "best_test_error", "nfe_forward", "nfe_backward", "activation_mib",
             "epoch_time_s", "iter_s"]
+# Solve checks (issue 13): from summary.json, or from checks.json (`nodebench check`)
+CHECK_FIELDS = ["validity_reference_error", "validity_roundtrip_error", "valid",
+                "grad_rel_error_init", "grad_cosine_init", "grad_rel_error_final",
+                "grad_cosine_final"]
 
 # Chen et al. 2018, Table 1 (MNIST). Paper values, shown only in "paper" columns.
 PAPER_TABLE1 = {
@@ -82,6 +86,10 @@ def collect(runs: list[Path] | Path, quiet: bool = False) -> pd.DataFrame:
                                           "test_size", "device", "wall_time_s", "epochs_done",
                                           "best_epoch", "iterations", "threads", "contended",
                                           *MEASURED]}
+            # solve validity and gradient error (issue 13): the trainer's, else `nodebench check`'s
+            checks = _read_checks(path.parent)
+            for key in CHECK_FIELDS:
+                row[key] = s.get(key) if s.get(key) is not None else checks.get(key)
             row["load_start"] = (s.get("load_start") or [None])[0]
             row["load_end"] = (s.get("load_end") or [None])[0]
             trainer = cfg["trainer"]
@@ -111,6 +119,15 @@ def collect(runs: list[Path] | Path, quiet: bool = False) -> pd.DataFrame:
                           kind="stable").reset_index(drop=True)
 
 
+def _read_checks(run_dir: Path) -> dict:
+    """The run's checks.json (written by `nodebench check`), or {}."""
+    try:
+        found = json.loads((run_dir / "checks.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _differing(df: pd.DataFrame, settings: list[dict]) -> list[str]:
     """Per run, 'key=value, ...' for the settings that differ between runs of its model."""
     out = [""] * len(df)
@@ -129,14 +146,19 @@ def _order(model: str) -> int:
     return MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
 
 
-def _fmt(values: pd.Series, digits: int) -> str:
-    """'mean ± std' over the ok runs (just the value for one run); '-' when there is none."""
-    v = values.dropna().astype(float)
+def mean_std(values, digits: int, spec: str = "f") -> str:
+    """'mean ± std' (sample std) of the values that are not None/NaN, each number formatted with
+    ``.{digits}{spec}`` (``spec="e"``: scientific); just the value for one; '-' for none. The one
+    formatter of every nodebench report."""
+    v = pd.Series(list(values), dtype=object).dropna().astype(float)
     if v.empty:
         return "-"
     if len(v) == 1:
-        return f"{v.iloc[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+        return f"{v.iloc[0]:.{digits}{spec}}"
+    return f"{v.mean():.{digits}{spec}} ± {v.std(ddof=1):.{digits}{spec}}"
+
+
+_fmt = mean_std
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
@@ -154,6 +176,14 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                             ("nfe_backward", 1), ("activation_mib", 1), ("epoch_time_s", 1),
                             ("iter_s", 3)):
             row[col] = _fmt(ok[col], digits)
+        for col in CHECK_FIELDS:
+            if col == "valid":
+                flags = ok[col].dropna() if col in ok else pd.Series([], dtype=object)
+                row[col] = ("-" if flags.empty else
+                            f"{int(flags.astype(bool).sum())}/{len(flags)}")
+            else:
+                row[col] = _fmt(ok[col], 4 if "cosine" in col else 1,
+                                "f" if "cosine" in col else "e") if col in ok else "-"
         if "contended" in ok and ok.contended.fillna(False).astype(bool).any():
             # timings taken while the load exceeded the cores: marked, not hidden
             for col in ("epoch_time_s", "iter_s"):
@@ -241,6 +271,12 @@ def table1(df: pd.DataFrame, targets: dict[str, float] | None = None) -> pd.Data
             "s / epoch": r.epoch_time_s,
             "s / iter": r.iter_s,
             **target,
+            # solve checks (issue 13), '-' for models without an ODE block
+            "round trip": r.validity_roundtrip_error,
+            "ref. error": r.validity_reference_error,
+            "valid": r.valid,
+            "grad. error init / end": ("-" if r.grad_rel_error_init == "-" else
+                                       f"{r.grad_rel_error_init} / {r.grad_rel_error_final}"),
             **{k: paper.get(k, "-") for k in ("paper test error", "paper params",
                                               "paper memory", "paper time")},
         })
@@ -328,6 +364,33 @@ def schedule_line(results: Path) -> str:
             f"{r['load_end']:.2f} at the end, on {r['cores']} cores.")
 
 
+def _loosest_valid_lines(df: pd.DataFrame, sweep: pd.DataFrame) -> list[str]:
+    """Issue 13: for each trained ODE-Net with a validity sweep in its checks.json (`nodebench
+    check --tols`), the loosest tolerance at which the round trip and reference checks pass (every
+    tighter one passing too) and the sweep's test error there; a table of the sweep's checks."""
+    from .checks import loosest_valid
+
+    lines = []
+    for _, r in df[(df.model == "odenet") & (df.status == "ok")].iterrows():
+        rows = _read_checks(Path(r.run)).get("tolerances")
+        if not rows:
+            continue
+        tol = loosest_valid(rows)
+        view = pd.DataFrame(rows)[["tol", "validity_roundtrip_error", "validity_reference_error",
+                                   "valid"]]
+        at = sweep[sweep.tol == tol] if tol is not None else sweep.iloc[0:0]
+        error = (f"; the sweep's test error there {at.test_error_batch.iloc[0]:.2f} % "
+                 f"(NFE {at.nfe_forward.iloc[0]:.1f})" if len(at) else "")
+        found = (f"the loosest passing tolerance is {tol:g}{error}" if tol is not None else
+                 "no tolerance of the sweep passes")
+        lines += [f"Solve validity of the trained ODE-Net (seed {int(r.seed)}) at each tolerance "
+                  f"(`nodebench check --tols`, first test images, threshold in README): {found}.",
+                  "", to_markdown(_fmt_frame(view, {"tol": "g",
+                                                    "validity_roundtrip_error": ".2e",
+                                                    "validity_reference_error": ".2e"})), ""]
+    return lines
+
+
 def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: str = "",
                  targets: dict[str, float] | None = None) -> str:
     """Build every Table 1 / Figure 3 output from ``runs`` (and the memory/sweep CSVs and
@@ -358,7 +421,13 @@ def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: s
               "adjoint solve). `target %` and `met`: the profile's target for the last-epoch "
               "error. The control row is the Table-1 network without its ODE block (stem + "
               "head), trained with the same budget: the difference to it is what the block "
-              "adds."), ""]
+              "adds. Solve checks of the trained model on the first test images (the trainer's "
+              "last epoch, or `nodebench check` from model.pt): `round trip`, the relative error "
+              "of integrating y(t1) back to t0 with the run's solver; `ref. error`, the relative "
+              "error of y(t1) against a float64 dopri5 1e-8 solve; `valid`, runs where both are "
+              "below the threshold (README: solve validity); `grad. error`, the relative error "
+              "of the run's parameter gradient against float64 dopri5 1e-9 direct backprop, at "
+              "initialisation and at the end."), ""]
     mem_csv = results / "memory_data.csv"
     if mem_csv.exists():
         mem = pd.read_csv(mem_csv)
@@ -406,6 +475,7 @@ def report_mnist(runs: Path, results: Path, profile: str = "cpu", description: s
                   (f"{int(sw.batch.iloc[0])} test images; error against a dopri5 solution at "
                    "rtol = atol = 1e-8; forward time of the ODE block alone (best of 3)."), "",
                   to_markdown(view), "![tolerance sweep](fig3ab.png)", ""]
+        lines += _loosest_valid_lines(df, sw)
     failed = df[df.status != "ok"]
     if len(failed):
         lines += ["## Failed runs", "", to_markdown(failed[["model", "seed", "error"]])]

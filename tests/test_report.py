@@ -41,11 +41,11 @@ def tree(tmp_path):
 
 
 EXPECTED_TABLE1 = """\
-| model   | solver / gradient                     | runs           | batch   | test error % (last)   | test error % (best)   | params   | activation MiB   | NFE-F   | NFE-B   | s / epoch    | s / iter | paper test error   | paper params   | paper memory   | paper time   |
+| model   | solver / gradient                     | runs           | batch   | test error % (last)   | test error % (best)   | params   | activation MiB   | NFE-F   | NFE-B   | s / epoch    | s / iter | round trip | ref. error | valid | grad. error init / end | paper test error   | paper params   | paper memory   | paper time   |
 |:--------|:--------------------------------------|:---------------|:--------|:----------------------|:----------------------|:---------|:-----------------|:--------|:--------|:-------------|:-------------------|:---------------|:---------------|:-------------|
-| 1-layer MLP | -                                     | 1 ok           | 128 | 1.70                  | 1.70                  | 238,510  | 0.5              | -       | -       | 2.5          | 0.500 | 1.60%              | 0.24 M         | -              | -            |
-| ResNet  | -                                     | 3 ok           | 128 | 2.00 ± 1.00           | 1.10 ± 0.20           | 576,778  | 125.0 ± 0.0      | -       | -       | 32.0 ± 2.0   | 0.500 ± 0.000 | 0.41%              | 0.60 M         | O(L)           | O(L)         |
-| ODE-Net | dopri5 rtol=0.001 atol=0.001, adjoint | 1 ok, 1 failed | 128 | 1.50                  | 1.50                  | 208,266  | 85.0             | 26.0    | 32.0    | 30.0         | 0.500 | 0.42%              | 0.22 M         | O(1)           | O(L~)        |
+| 1-layer MLP | -                                     | 1 ok           | 128 | 1.70                  | 1.70                  | 238,510  | 0.5              | -       | -       | 2.5          | 0.500 | - | - | - | - | 1.60%              | 0.24 M         | -              | -            |
+| ResNet  | -                                     | 3 ok           | 128 | 2.00 ± 1.00           | 1.10 ± 0.20           | 576,778  | 125.0 ± 0.0      | -       | -       | 32.0 ± 2.0   | 0.500 ± 0.000 | - | - | - | - | 0.41%              | 0.60 M         | O(L)           | O(L)         |
+| ODE-Net | dopri5 rtol=0.001 atol=0.001, adjoint | 1 ok, 1 failed | 128 | 1.50                  | 1.50                  | 208,266  | 85.0             | 26.0    | 32.0    | 30.0         | 0.500 | - | - | - | - | 0.42%              | 0.22 M         | O(1)           | O(L~)        |
 """
 
 

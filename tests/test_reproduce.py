@@ -30,6 +30,15 @@ def test_tiny_reproduction_end_to_end(tmp_path, monkeypatch):
     assert "Reproduction wall time" in (results / "table1.md").read_text()
     for name in ("odenet_s0.log", "memory.log"):   # every job of a lane logs to its own file
         assert (runs / name).exists(), name
+    # the checks stage (issue 13): validity and gradient error of the ODE models, in Table 1,
+    # and the ODE-Net's validity at every tolerance of the sweep, in the sweep section
+    checks = json.loads((runs / "odenet_s0" / "checks.json").read_text())
+    assert [r["tol"] for r in checks["tolerances"]] == [1e-1, 1e-2, 1e-3]
+    assert 0 <= checks["grad_rel_error_init"] and 0 <= checks["validity_roundtrip_error"]
+    assert (runs / "rknet_s0" / "checks.json").exists()
+    table = (results / "table1.csv").read_text()
+    assert "round trip" in table and "grad. error init / end" in table
+    assert "Solve validity of the trained ODE-Net" in text
     # The report step alone, run again on the same run folders, gives byte-identical tables.
     tables = (".md", ".csv", ".tex")
     before = {p.name: p.read_bytes() for p in results.iterdir() if p.suffix in tables}

@@ -232,3 +232,45 @@ def test_checks_can_be_switched_off(runs_dir):
     assert s["status"] == "ok" and s["nfe_forward"] > 0
     for key in KEYS:
         assert s[key] is None, key
+
+
+def test_check_command_reproduces_the_trainers_checks_from_model_pt(runs_dir, capsys):
+    """`nodebench check` rebuilds the initial weights from the seed and loads model.pt: its
+    gradient errors and validity equal the trainer's own; --tols adds a validity sweep whose
+    tightest tolerance passes; the report reads checks.json."""
+    from nodebench.checks import loosest_valid
+    from nodebench.report import collect
+
+    assert main(["train", *TINY, "model=odenet", "trainer.instruments.gradient_error=true"]) == 0
+    run = next(runs_dir.rglob("summary.json")).parent
+    s = json.loads((run / "summary.json").read_text())
+    assert main(["check", str(run), "--batch", "16", "--gradient-batch", "4",
+                 "--tols", "1e-1,1e-7"]) == 0
+    c = json.loads((run / "checks.json").read_text())
+    for key in ("grad_rel_error_init", "grad_rel_error_final", "validity_reference_error",
+                "validity_roundtrip_error"):
+        assert c[key] == pytest.approx(s[key], rel=1e-5), key
+    assert c["valid"] == s["valid"]
+    tols = {r["tol"]: r for r in c["tolerances"]}
+    assert tols[1e-7]["valid"] and tols[1e-7]["validity_roundtrip_error"] < 1e-3  # float32
+    assert tols[1e-1]["validity_roundtrip_error"] > tols[1e-7]["validity_roundtrip_error"]
+    assert loosest_valid(c["tolerances"]) in (1e-1, 1e-7)
+    row = collect(runs_dir).iloc[0]
+    assert row["grad_rel_error_init"] == pytest.approx(s["grad_rel_error_init"])
+
+
+def test_loosest_valid_needs_every_tighter_tolerance_to_pass():
+    from nodebench.checks import loosest_valid
+
+    rows = [{"tol": 1e-1, "valid": True}, {"tol": 1e-2, "valid": False},
+            {"tol": 1e-3, "valid": True}, {"tol": 1e-4, "valid": True}]
+    assert loosest_valid(rows) == 1e-3
+    assert loosest_valid([{"tol": 1e-3, "valid": False}]) is None
+
+
+def test_check_command_bad_input_one_line_exit_2(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nodebench: error:")
+    assert main(["check", str(tmp_path), "--tols", "1e-3,abc"]) == 2
+    assert not any(tmp_path.iterdir())   # nothing written

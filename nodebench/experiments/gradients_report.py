@@ -14,17 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..report import mean_std as _mean_std
 from .gradients import CLAIMS, MODES
-
-
-def _mean_std(values, digits: int, scale: float = 1.0) -> str:
-    """``mean ± std`` (sample std over seeds) of the finite values, ``-`` when there are none."""
-    s = pd.Series([v for v in values if v is not None and not pd.isna(v)], dtype=float) * scale
-    if s.empty:
-        return "-"
-    if len(s) == 1:
-        return f"{s.iloc[0]:.{digits}f}"
-    return f"{s.mean():.{digits}f} ± {s.std():.{digits}f}"
 
 
 def _sci(value) -> str:
@@ -127,7 +118,7 @@ def toy_table(frame: pd.DataFrame) -> pd.DataFrame:
             "test accuracy": _mean_std(ok["test_accuracy"], 3),
             "NFE fwd / bwd (last epoch)": f"{_mean_std(ok['nfe_forward_last_epoch'], 1)} / "
                                           f"{_mean_std(ok['nfe_backward_last_epoch'], 1)}",
-            "ms/iter": _mean_std(ok["iter_s"], 1, 1000.0),
+            "ms/iter": _mean_std(ok["iter_s"].astype(float) * 1000.0, 1),
             "grad rel. error init": _mean_std(g["grad_rel_error_init"], 4),
             "grad rel. error end": _mean_std(ok["grad_rel_error_final"], 4),
         })

@@ -6,6 +6,9 @@ Stages (``--stages``, all by default, in this order):
   memory  activation memory vs NFE (RK-Net, ODE-Net) and vs depth (ResNet); a job of a lane
           when the train stage runs too
   sweep   tolerance sweep of the trained ODE-Net: error and forward time vs NFE (Fig. 3a, 3b)
+  checks  solve validity and gradient error of the trained ODE-Net and RK-Net (``nodebench
+          check``: checks.json in their run folders), the ODE-Net's validity at every tolerance
+          of the sweep; not timed
   report  tables (Markdown, CSV, LaTeX) and figures into the results folder
 
 Profiles: ``cpu`` (default; under 60 min on 2 idle CPU cores), ``gpu`` (12 epochs of the paper
@@ -102,6 +105,7 @@ PROFILES: dict[str, dict] = {
         "memory": {"batch": 8, "dataset": "synthetic", "tols": [1e-1, 1e-3],
                    "rk4_steps": [1, 2], "blocks": [0, 2]},
         "sweep": {"tols": [1e-1, 1e-2, 1e-3], "batch": 16},
+        "checks": {"batch": 2, "gradient_batch": 2},
     },
 }
 
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nodebench.experiments.mnist",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
-    p.add_argument("--stages", default="train,memory,sweep,report")
+    p.add_argument("--stages", default="train,memory,sweep,checks,report")
     p.add_argument("--models", default=",".join(MODELS),
                    help="models to (re)train in the train stage (default: all of Table 1 and the "
                         "control)")
@@ -241,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     experiment, runs, results = folders("mnist", a.profile, a.runs, a.results)
     stages = split_list(a.stages)
-    unknown = set(stages) - {"train", "memory", "sweep", "report"}
+    unknown = set(stages) - {"train", "memory", "sweep", "checks", "report"}
     if unknown:
         print(f"nodebench: error: unknown stage(s) {', '.join(sorted(unknown))}; choose from "
-              "train, memory, sweep, report", file=sys.stderr)
+              "train, memory, sweep, checks, report", file=sys.stderr)
         return 2
     models = tuple(split_list(a.models))
     if set(models) - set(MODELS):
@@ -266,6 +270,18 @@ def main(argv: list[str] | None = None) -> int:
         from ..sweep import tolerance_sweep
 
         tolerance_sweep(runs / "odenet_s0", results, **profile["sweep"])
+    if "checks" in stages:
+        from ..checks import run_checks
+
+        # solve validity and gradient error of the trained ODE models (issue 13; not timed);
+        # the ODE-Net's validity also at every tolerance of the sweep
+        for name in ("odenet", "rknet"):
+            for seed in profile["seeds"]:
+                run = runs / f"{name}_s{seed}"
+                if (run / "model.pt").exists():
+                    print(f"[reproduce] checks of {run}", flush=True)
+                    run_checks(run, **profile.get("checks", {}),
+                               tols=profile["sweep"]["tols"] if name == "odenet" else ())
     if schedule is not None and set(models) == set(MODELS):
         # What the table header states: wall time from start to table, the schedule, the load.
         schedule.update(profile=a.profile, wall_s=round(time.time() - started, 1),
