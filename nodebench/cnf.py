@@ -54,6 +54,7 @@ instruments of :mod:`nodebench.instruments`. A CNF has two dynamics modules (``t
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -186,7 +187,8 @@ class FreeFormField(VectorField):
                               + ", ".join(ACTIVATIONS))
         widths = (dim, *hidden, dim)
         self.dim = dim
-        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(widths, widths[1:]))
+        self.layers = nn.ModuleList(ConcatSquashLinear(a, b)
+                                    for a, b in itertools.pairwise(widths))
         self.act = ACTIVATIONS[activation]()
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -344,10 +346,15 @@ class Flow(nn.Module):
     dim: int
     penalties: Penalties | None = None
 
-    def to_target(self, z: torch.Tensor) -> FlowOutput:  # pragma: no cover
+    def to_target(self, z: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> FlowOutput:  # pragma: no cover
+        """Carry base points ``z`` (B, D) to the target side; ``generator``: for any noise the
+        flow draws (Hutchinson's)."""
         raise NotImplementedError
 
-    def to_base(self, x: torch.Tensor) -> FlowOutput:  # pragma: no cover
+    def to_base(self, x: torch.Tensor, generator: torch.Generator | None = None
+                ) -> FlowOutput:  # pragma: no cover
+        """Carry points ``x`` (B, D) of the target side to the base."""
         raise NotImplementedError
 
 
@@ -390,7 +397,7 @@ class CNF(Flow):
         self.penalised = None if self.penalties is None else nn.ModuleDict({
             key: Regularised(dyn, self.penalties, features=self.dim)
             for key, dyn in self.dynamics.items()})
-        self.register_buffer("t", torch.tensor([0.0, float(t1)]), persistent=False)
+        self.t1 = float(t1)
 
     def _transport(self, key: str, points: torch.Tensor, penalise: bool | None,
                    generator: torch.Generator | None) -> FlowOutput:
@@ -400,7 +407,9 @@ class CNF(Flow):
         dynamics = self.dynamics[key]
         dynamics.draw_noise(points, generator)
         y0 = torch.cat([points, points.new_zeros(points.shape[0], 1)], 1)
-        t = self.t.to(points.dtype)
+        # made in the points' dtype from the Python float: a float32 buffer cast to float64 would
+        # carry float32's rounding of t1 (7e-9 relative) into every solve
+        t = torch.tensor([0.0, self.t1], dtype=points.dtype, device=points.device)
         if penalise and self.penalised is not None:
             y, r = solve_with_penalties(self.penalised[key], y0, t, self.solver, self.gradient,
                                         generator)
@@ -409,19 +418,19 @@ class CNF(Flow):
             y, r = odesolve(dynamics, y0, t, self.solver, self.gradient)[-1], None
         return FlowOutput(y[:, :self.dim], y[:, self.dim], r)
 
-    def to_target(self, z: torch.Tensor, penalise: bool | None = None,
-                  generator: torch.Generator | None = None) -> FlowOutput:
+    def to_target(self, z: torch.Tensor, generator: torch.Generator | None = None,
+                  penalise: bool | None = None) -> FlowOutput:
         """Carry base points ``z`` (B, D) from t = 0 to t = t1 (sampling, density matching)."""
         return self._transport("to_target", z, penalise, generator)
 
-    def to_base(self, x: torch.Tensor, penalise: bool | None = None,
-                generator: torch.Generator | None = None) -> FlowOutput:
+    def to_base(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                penalise: bool | None = None) -> FlowOutput:
         """Carry data points ``x`` (B, D) from t = t1 back to t = 0 (maximum likelihood)."""
         return self._transport("to_base", x, penalise, generator)
 
     def extra_repr(self) -> str:
         return f"solver={self.solver.describe()}, gradient={self.gradient.describe()}, " \
-               f"t1={float(self.t[-1]):g}"
+               f"t1={self.t1:g}"
 
 
 ORIENTATIONS = ("generative", "normalizing")
@@ -507,14 +516,14 @@ class PlanarFlow(Flow):
             logdet = logdet + torch.log(torch.abs(1.0 + (1.0 - h * h) * c))
         return y, logdet
 
-    def to_target(self, z: torch.Tensor) -> FlowOutput:
+    def to_target(self, z: torch.Tensor, generator: torch.Generator | None = None) -> FlowOutput:
         if self.orientation == "generative":
             x, logdet = self.forward_layers(z)
             return FlowOutput(x, -logdet)
         x, logdet = self.inverse_layers(z)
         return FlowOutput(x, logdet)
 
-    def to_base(self, x: torch.Tensor) -> FlowOutput:
+    def to_base(self, x: torch.Tensor, generator: torch.Generator | None = None) -> FlowOutput:
         if self.orientation == "normalizing":
             z, logdet = self.forward_layers(x)
             return FlowOutput(z, -logdet)
@@ -656,12 +665,13 @@ def sample_base(flow: Flow, n: int, generator: torch.Generator | None = None) ->
 def sample(flow: Flow, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` samples of the flow's density by carrying base draws to the target side (for a
     CNF trained by maximum likelihood: reversing the direction of training). (n, D)."""
-    return flow.to_target(sample_base(flow, n, generator)).points
+    return flow.to_target(sample_base(flow, n, generator), generator).points
 
 
-def log_density(flow: Flow, x: torch.Tensor) -> torch.Tensor:
+def log_density(flow: Flow, x: torch.Tensor, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
     """``log p(x)`` of the flow's density at ``x`` (B, D) -> (B,), nats."""
-    out = flow.to_base(x)
+    out = flow.to_base(x, generator)
     return log_normal(out.points) - out.delta_logp
 
 
@@ -688,23 +698,23 @@ def density_matching_loss(flow: Flow, U: Callable[[torch.Tensor], torch.Tensor],
     "total"}`` as floats. The caller runs ``backward()`` and the optimiser step.
     """
     z = sample_base(flow, batch_size, generator)
-    out = flow.to_target(z)
+    out = flow.to_target(z, generator)
     loss = (log_normal(z) + out.delta_logp + U(out.points)).mean()
     return _with_penalties(flow, loss, out)
 
 
-def mle_loss(flow: Flow, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def mle_loss(flow: Flow, x: torch.Tensor, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
     """Chen et al. 2018 section 4.1, maximum likelihood: ``-mean_b log p(x_b)`` for data ``x``
     (B, D), nats per sample. Returns ``(objective, metrics)`` as :func:`density_matching_loss`.
     """
-    out = flow.to_base(x)
+    out = flow.to_base(x, generator)
     loss = -(log_normal(out.points) - out.delta_logp).mean()
     return _with_penalties(flow, loss, out)
 
 
-__all__ = ["CNF", "CNFDynamics", "DATASETS", "ENERGIES", "ClosedFormTrace", "Flow", "FlowOutput",
-           "FreeFormField", "LinearField", "PlanarField", "PlanarFlow", "VectorField",
-           "density_matching_loss", "energy", "energy_u1", "energy_u2", "energy_u3",
-           "energy_u4", "dataset", "log_density", "log_normal", "log_partition", "mle_loss",
-           "sample", "sample_base", "trace_autograd", "trace_hutchinson", "two_circles",
-           "two_moons"]
+__all__ = ["CNF", "DATASETS", "ENERGIES", "CNFDynamics", "ClosedFormTrace", "Flow", "FlowOutput",
+           "FreeFormField", "LinearField", "PlanarField", "PlanarFlow", "VectorField", "dataset",
+           "density_matching_loss", "energy", "energy_u1", "energy_u2", "energy_u3", "energy_u4",
+           "log_density", "log_normal", "log_partition", "mle_loss", "sample", "sample_base",
+           "trace_autograd", "trace_hutchinson", "two_circles", "two_moons"]

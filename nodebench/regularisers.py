@@ -331,10 +331,11 @@ class RegularisedODEBlock(nn.Module):
         self.solver = solver
         self.gradient = gradient
         self.penalties = penalties
-        self.register_buffer("t", torch.tensor([0.0, float(t1)]), persistent=False)
+        self.t1 = float(t1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, r = solve_with_penalties(self.func, x, self.t.to(x.dtype), self.solver, self.gradient)
+        t = torch.tensor([0.0, self.t1], dtype=x.dtype, device=x.device)
+        y, r = solve_with_penalties(self.func, x, t, self.solver, self.gradient)
         return y[-1], r[-1]
 
 
