@@ -601,10 +601,8 @@ def log_partition(U: Callable[[torch.Tensor], torch.Tensor], limit: float = 4.0,
     """``log Z = log int exp(-U(z)) dz`` over the box [-limit, limit]^2 by the midpoint rule
     on ``points`` x ``points`` cells (float64). With it, density matching's loss + log Z
     estimates KL(q || p) (of the target restricted to the box)."""
-    edge = torch.linspace(-limit, limit, points + 1, dtype=torch.float64)
-    mid = 0.5 * (edge[1:] + edge[:-1])
-    grid = torch.stack(torch.meshgrid(mid, mid, indexing="ij"), -1).reshape(-1, 2)
     cell = (2.0 * limit / points) ** 2
+    grid = grid_points(limit, points, torch.float64)
     return float(torch.logsumexp(-U(grid), 0) + math.log(cell))
 
 
@@ -675,6 +673,18 @@ def log_density(flow: Flow, x: torch.Tensor, generator: torch.Generator | None =
     return log_normal(out.points) - out.delta_logp
 
 
+def grid_points(limit: float = 4.0, points: int = 100, dtype: torch.dtype = torch.float32
+                ) -> torch.Tensor:
+    """The centres of a ``points`` x ``points`` grid of cells on [-limit, limit]^2, (P * P, 2),
+    row-major with z2 along rows: ``values.reshape(P, P)`` is an image whose row i has
+    ``z2 = centre_i`` (matplotlib's ``imshow(..., origin="lower", extent=(-limit, limit,
+    -limit, limit))``). For the density figures (Chen et al. 2018 Figures 4 and 5)."""
+    edge = torch.linspace(-limit, limit, points + 1, dtype=torch.float64)
+    mid = 0.5 * (edge[1:] + edge[:-1])
+    z2, z1 = torch.meshgrid(mid, mid, indexing="ij")
+    return torch.stack([z1.reshape(-1), z2.reshape(-1)], 1).to(dtype)
+
+
 def _with_penalties(flow: Flow, loss: torch.Tensor, out: FlowOutput
                     ) -> tuple[torch.Tensor, dict[str, float]]:
     metrics = {"loss": float(loss.detach())}
@@ -716,5 +726,5 @@ def mle_loss(flow: Flow, x: torch.Tensor, generator: torch.Generator | None = No
 __all__ = ["CNF", "DATASETS", "ENERGIES", "CNFDynamics", "ClosedFormTrace", "Flow", "FlowOutput",
            "FreeFormField", "LinearField", "PlanarField", "PlanarFlow", "VectorField", "dataset",
            "density_matching_loss", "energy", "energy_u1", "energy_u2", "energy_u3", "energy_u4",
-           "log_density", "log_normal", "log_partition", "mle_loss", "sample", "sample_base",
-           "trace_autograd", "trace_hutchinson", "two_circles", "two_moons"]
+           "grid_points", "log_density", "log_normal", "log_partition", "mle_loss", "sample",
+           "sample_base", "trace_autograd", "trace_hutchinson", "two_circles", "two_moons"]
