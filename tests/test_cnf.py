@@ -354,12 +354,12 @@ def test_a_few_steps_of_training_lower_the_loss():
     ]
     for flow, objective in cases:
         opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
-        first = float(objective(flow)[0])
+        first = float(objective(flow)[0].detach())
         for _ in range(30):
             opt.zero_grad()
             objective(flow)[0].backward()
             opt.step()
-        assert float(objective(flow)[0]) < first - 0.05, type(flow).__name__
+        assert float(objective(flow)[0].detach()) < first - 0.05, type(flow).__name__
     samples = sample(cases[0][0], 50)
     assert samples.shape == (50, 2) and bool(torch.isfinite(samples).all())
 
@@ -370,3 +370,25 @@ def test_grid_points_layout():
     image = grid.reshape(4, 4, 2)
     torch.testing.assert_close(image[0, :, 0], torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=F64))
     torch.testing.assert_close(image[:, 0, 1], torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=F64))
+
+
+def test_every_gradient_mode_agrees_on_a_penalised_ffjord():
+    """Free-form field, Hutchinson trace and all three penalties: the gradient of the
+    density-matching objective is the same (to the solver tolerance) in the adjoint and
+    checkpointing modes as in direct backprop. (mali agrees too, to 1e-9 at rtol 1e-9, but its
+    second-order ALF steps need thousands of evaluations at such tolerances: too slow here.)"""
+    torch.manual_seed(17)
+    field = FreeFormField(2, (8, 8)).double()
+    penalties = Penalties(kinetic=0.1, frobenius=0.1, taylor=0.1)
+    solver = Solver("dopri5", rtol=1e-8, atol=1e-8)
+    grads = {}
+    for mode in ("direct", "adjoint", "checkpointed", "aca"):
+        cnf = CNF(copy.deepcopy(field), solver, Gradient(mode), trace="hutchinson",
+                  penalties=penalties)
+        loss, metrics = density_matching_loss(cnf, ENERGIES["u2"], 8,
+                                              generator=torch.Generator().manual_seed(18))
+        assert set(metrics) == {"loss", "kinetic", "frobenius", "taylor", "total"}
+        grads[mode] = torch.cat([g.reshape(-1) for g in
+                                 torch.autograd.grad(loss, list(cnf.parameters()))])
+    for mode, g in grads.items():
+        assert float((g - grads["direct"]).norm() / grads["direct"].norm()) < 1e-5, mode
