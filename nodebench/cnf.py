@@ -54,6 +54,7 @@ instruments of :mod:`nodebench.instruments`. A CNF has two dynamics modules (``t
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable
@@ -66,6 +67,7 @@ from .errors import ConfigError
 from .models.blocks import Dynamics
 from .regularisers import NOISES, Penalties, Regularised, draw_noise, solve_with_penalties
 from .solvers import Gradient, Solver, check_compatible, odesolve
+from .validity import DEFAULT_THRESHOLD, reference_solver, relative_error
 
 TRACES = ("closed_form", "autograd", "hutchinson")
 LOG_2PI = math.log(2.0 * math.pi)
@@ -647,6 +649,41 @@ def dataset(name: str) -> Callable[..., torch.Tensor]:
     return DATASETS[name]
 
 
+# ---------------------------------------------------------------- validity (observed from outside)
+
+
+def cnf_validity(cnf: CNF, z: torch.Tensor, threshold: float | None = None, seed: int = 0
+                 ) -> dict:
+    """Solve-validity checks of a CNF at the base points ``z`` (B, D), as
+    :mod:`nodebench.validity` does for ODE blocks (not called by model code):
+
+    * ``reference_error``, ``logp_reference_error``: ``to_target(z)``'s points and log-density
+      change against a float64 copy of the CNF solved by dopri5 at rtol = atol = 1e-8
+      (direct mode); the same Hutchinson noise in both (one generator seed), so only the
+      solve differs;
+    * ``round_trip_error``: ``to_base(to_target(z))`` against ``z`` with the CNF's own solver;
+    * ``valid``: all three below ``threshold`` (default
+      :data:`nodebench.validity.DEFAULT_THRESHOLD`, 1e-2).
+
+    Errors are relative 2-norms over the batch (:func:`nodebench.validity.relative_error`).
+    No penalties are integrated. Solver failures propagate.
+    """
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    reference = copy.deepcopy(cnf).double()
+    reference.solver, reference.gradient = reference_solver(), Gradient("direct")
+    with torch.no_grad():
+        out = cnf.to_target(z, torch.Generator(z.device).manual_seed(seed), penalise=False)
+        ref = reference.to_target(z.double(), torch.Generator(z.device).manual_seed(seed),
+                                  penalise=False)
+        back = cnf.to_base(out.points, torch.Generator(z.device).manual_seed(seed + 1),
+                           penalise=False)
+    errors = {"reference_error": relative_error(out.points, ref.points),
+              "logp_reference_error": relative_error(out.delta_logp, ref.delta_logp),
+              "round_trip_error": relative_error(back.points, z)}
+    return {**errors, "valid": all(e < threshold for e in errors.values()),
+            "threshold": threshold}
+
+
 # ------------------------------------------------------------------------------------ losses
 
 
@@ -724,7 +761,8 @@ def mle_loss(flow: Flow, x: torch.Tensor, generator: torch.Generator | None = No
 
 
 __all__ = ["CNF", "DATASETS", "ENERGIES", "CNFDynamics", "ClosedFormTrace", "Flow", "FlowOutput",
-           "FreeFormField", "LinearField", "PlanarField", "PlanarFlow", "VectorField", "dataset",
-           "density_matching_loss", "energy", "energy_u1", "energy_u2", "energy_u3", "energy_u4",
-           "grid_points", "log_density", "log_normal", "log_partition", "mle_loss", "sample",
-           "sample_base", "trace_autograd", "trace_hutchinson", "two_circles", "two_moons"]
+           "FreeFormField", "LinearField", "PlanarField", "PlanarFlow", "VectorField",
+           "cnf_validity", "dataset", "density_matching_loss", "energy", "energy_u1", "energy_u2",
+           "energy_u3", "energy_u4", "grid_points", "log_density", "log_normal", "log_partition",
+           "mle_loss", "sample", "sample_base", "trace_autograd", "trace_hutchinson", "two_circles",
+           "two_moons"]

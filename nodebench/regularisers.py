@@ -80,10 +80,13 @@ def draw_noise(like: torch.Tensor, kind: str = "gaussian",
 
     ``gaussian``: N(0, 1) entries; ``rademacher``: +-1 with probability 1/2 each (the lower
     variance choice for Hutchinson's estimator, Grathwohl et al. 2019 section 3.1).
+    Gaussian draws are made in float64 and cast, so that one generator seed gives the same noise
+    in every dtype (a float64 reference solve sees the noise of a float32 run).
     Raises ConfigError for another ``kind``.
     """
     if kind == "gaussian":
-        return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+        return torch.randn(like.shape, dtype=torch.float64, device=like.device,
+                           generator=generator).to(like.dtype)
     if kind == "rademacher":
         bits = torch.randint(0, 2, like.shape, device=like.device, generator=generator)
         return bits.to(like.dtype) * 2 - 1

@@ -17,6 +17,7 @@ from nodebench.cnf import (
     LinearField,
     PlanarField,
     PlanarFlow,
+    cnf_validity,
     dataset,
     density_matching_loss,
     energy,
@@ -392,3 +393,18 @@ def test_every_gradient_mode_agrees_on_a_penalised_ffjord():
                                  torch.autograd.grad(loss, list(cnf.parameters()))])
     for mode, g in grads.items():
         assert float((g - grads["direct"]).norm() / grads["direct"].norm()) < 1e-5, mode
+
+
+@pytest.mark.parametrize("trace", ["closed_form", "hutchinson"])
+def test_cnf_validity_checks(trace):
+    """A tight solve passes; a one-step Euler solve of the same flow fails the checks."""
+    torch.manual_seed(19)
+    field = PlanarField(2, 8, hidden=8)
+    z = torch.randn(32, 2)
+    good = cnf_validity(CNF(field, Solver("dopri5", rtol=1e-6, atol=1e-6), DIRECT, t1=3.0,
+                            trace=trace), z)
+    assert good["valid"] and good["reference_error"] < 1e-4
+    assert good["logp_reference_error"] < 1e-4 and good["round_trip_error"] < 1e-4
+    bad = cnf_validity(CNF(field, Solver("euler", step_size=3.0), DIRECT, t1=3.0, trace=trace),
+                       z, threshold=1e-3)
+    assert not bad["valid"] and bad["round_trip_error"] > 1e-3
