@@ -8,11 +8,11 @@ log-density carried along the flow.
 
 Vector fields (:class:`VectorField`, ``f(t, z)`` with ``z`` (B, D), ``t`` a 0-d tensor):
 
-* :class:`PlanarField` (Chen et al. 2018 section 4.1, eq. 10): M planar units with gating,
-  ``f(t, z) = sum_n sigma_n(t) u_n(t) h(w_n(t)^T z + b_n(t))``, ``h = tanh``, where
+* :class:`PlanarField` (Chen et al. 2018 section 4, time-dependent dynamics): M planar units
+  with gating, ``f(t, z) = sum_n sigma_n(t) u_n(t) h(w_n(t)^T z + b_n(t))``, ``h = tanh``, where
   ``w_n, u_n`` (D,), ``b_n`` and the gate logit of ``sigma_n = sigmoid(.)`` are the output of a
   hypernetwork of ``t`` (two tanh layers of ``hidden`` units, as in torchdiffeq's
-  ``examples/cnf.py``; the paper: "u, w, b are produced by a neural network of t"). Its trace
+  ``examples/cnf.py``; in the paper a neural network of t produces u, w and b). Its trace
   has a closed form, ``tr(df/dz) = sum_n sigma_n h'(a_n) u_n^T w_n``, exact in any D, O(M D).
 * :class:`FreeFormField` (FFJORD, Grathwohl et al. 2019): an MLP of ``z`` whose every layer is
   modulated by ``t`` (FFJORD's "concatsquash" layers: ``(W x + b) * sigmoid(a t + c) + d t``).
@@ -21,9 +21,9 @@ Vector fields (:class:`VectorField`, ``f(t, z)`` with ``z`` (B, D), ``t`` a 0-d 
 
 Trace (``trace=`` of :class:`CNF`): ``closed_form`` (fields that have one:
 :class:`ClosedFormTrace`), ``autograd`` (exact, D vector-Jacobian products, one per coordinate:
-the choice for a free-form field in 2-D), ``hutchinson`` (FFJORD, Grathwohl et al. 2019 eq. 7:
-``tr(J) ~ eps^T J eps`` with ``eps`` Gaussian or Rademacher, drawn once per solve and held fixed
-during it, which keeps the dynamics a smooth ODE and makes the estimate of
+the choice for a free-form field in 2-D), ``hutchinson`` (FFJORD, Grathwohl et al. 2019,
+section 3: ``tr(J) ~ eps^T J eps`` with ``eps`` Gaussian or Rademacher, drawn once per solve
+and held fixed during it, which keeps the dynamics a smooth ODE and makes the estimate of
 ``int tr(J) dt`` unbiased; one vjp per evaluation).
 
 **Flows** (:class:`Flow`: :class:`CNF`, :class:`PlanarFlow`) move points between the base
@@ -40,7 +40,7 @@ numerically (:class:`PlanarFlow`).
 
 * density matching, :func:`density_matching_loss`: the reverse KL, ``E_{z ~ N(0, I)}[log q(x) +
   U(x)]`` with ``x = to_target(z)`` and the target ``p(x) ∝ exp(-U(x))``; it equals
-  ``KL(q || p) - log Z`` (Rezende & Mohamed 2015 eq. 15), so it is bounded below by ``-log Z``.
+  ``KL(q || p) - log Z`` (the free energy of Rezende & Mohamed 2015), so it is bounded below by ``-log Z``.
 * maximum likelihood, :func:`mle_loss`: ``-E_data[log p(x)]`` (nats per sample).
 
 Targets (:data:`ENERGIES`: Rezende & Mohamed 2015 Table 1, U1-U4) and data
@@ -105,7 +105,7 @@ class ClosedFormTrace(VectorField):
 
 
 class PlanarField(ClosedFormTrace):
-    """The planar CNF's field with gating (Chen et al. 2018 section 4.1, eq. 10).
+    """The planar CNF's field with gating (Chen et al. 2018 section 4).
 
     ``f(t, z) = sum_{n=1}^{M} sigma_n(t) u_n(t) tanh(w_n(t)^T z + b_n(t))``; the hypernetwork
     ``t -> tanh(Linear(1, H)) -> tanh(Linear(H, H)) -> Linear(H, M (2 D + 2))`` gives ``w``
@@ -240,7 +240,7 @@ def trace_autograd(f: torch.Tensor, z: torch.Tensor, create_graph: bool) -> torc
 def trace_hutchinson(f: torch.Tensor, z: torch.Tensor, noise: torch.Tensor,
                      create_graph: bool) -> torch.Tensor:
     """Hutchinson's estimate ``eps^T (df/dz) eps`` per sample (B,) for the noise ``eps``
-    (B, D) (Grathwohl et al. 2019 eq. 7; unbiased when ``E[eps eps^T] = I``)."""
+    (B, D) (Grathwohl et al. 2019 section 3; unbiased when ``E[eps eps^T] = I``)."""
     (vjp,) = torch.autograd.grad(f, z, noise, create_graph=create_graph, retain_graph=True)
     return (vjp * noise).sum(1)
 
@@ -439,11 +439,11 @@ ORIENTATIONS = ("generative", "normalizing")
 
 
 class PlanarFlow(Flow):
-    """K planar layers (Rezende & Mohamed 2015 section 4.1, eqs. 10-12):
+    """K planar layers (Rezende & Mohamed 2015 section 4.1):
     ``g_k(z) = z + u_hat_k tanh(w_k^T z + b_k)``, with
     ``log|det dg_k/dz| = log|1 + u_hat_k^T psi_k(z)|``, ``psi_k(z) = tanh'(w_k^T z + b_k) w_k``.
 
-    Invertibility (their appendix A.1): ``u_hat = u + (m(w^T u) - w^T u) w / ||w||^2`` with
+    Invertibility (their appendix): ``u_hat = u + (m(w^T u) - w^T u) w / ||w||^2`` with
     ``m(x) = -1 + softplus(x)``, so that ``w^T u_hat > -1`` and each layer is a bijection.
 
     Orientation: ``generative`` (the layers map base -> target: density matching, as in Rezende

@@ -12,15 +12,15 @@ of that sample, computed by the same solver, gradient mode and error control as 
 The penalty rates (per sample, on the first ``features`` entries ``z`` of the flattened state;
 all of them by default, the point without the log-density for a CNF):
 
-* ``kinetic`` (RNODE, Finlay et al. 2020, "How to train your neural ODE", eq. 7 / the
-  kinetic-energy term of eq. 11): ``rho = ||f_z(t, y)||^2``, the squared speed.
-* ``frobenius`` (RNODE, Finlay et al. 2020, the Jacobian term of eq. 11):
+* ``kinetic`` (RNODE, Finlay et al. 2020, "How to train your neural ODE", the kinetic-energy
+  term of their regularised objective): ``rho = ||f_z(t, y)||^2``, the squared speed.
+* ``frobenius`` (RNODE, Finlay et al. 2020, the Jacobian term of the same objective):
   ``rho = ||eps^T df_z/dz||^2`` with ``eps`` ~ N(0, I) (or Rademacher), drawn once per solve by
   :meth:`Regularised.initial_state`; its expectation over ``eps`` is ``||df_z/dz||_F^2``
-  (Hutchinson's estimator, as in Finlay et al. section 4.2). One vector-Jacobian product per
+  (Hutchinson's estimator, as in Finlay et al.). One vector-Jacobian product per
   evaluation.
 * ``taylor`` (TayNODE, Kelly et al. 2020, "Learning differential equations that are easy to
-  solve", eq. 3): ``rho = ||d^K z/dt^K||^2``, the K-th total time derivative of the solution
+  solve"): ``rho = ||d^K z/dt^K||^2``, the K-th total time derivative of the solution
   through the point ``(t, y)``, for ``K`` = :attr:`Penalties.order` in {2, 3}. Built with
   reverse-mode autograd only: ``d^{k+1} z/dt^{k+1} = dg_k/dt + (dg_k/dy) f`` with
   ``g_1 = f``, each step a Jacobian-vector product taken by the double-vjp trick
@@ -79,7 +79,7 @@ def draw_noise(like: torch.Tensor, kind: str = "gaussian",
     """Noise of ``like``'s shape, dtype and device with E[eps eps^T] = I.
 
     ``gaussian``: N(0, 1) entries; ``rademacher``: +-1 with probability 1/2 each (the lower
-    variance choice for Hutchinson's estimator, Grathwohl et al. 2019 section 3.1).
+    variance choice for Hutchinson's estimator, Grathwohl et al. 2019).
     Gaussian draws are made in float64 and cast, so that one generator seed gives the same noise
     in every dtype (a float64 reference solve sees the noise of a float32 run).
     Raises ConfigError for another ``kind``.
