@@ -40,7 +40,8 @@ numerically (:class:`PlanarFlow`).
 
 * density matching, :func:`density_matching_loss`: the reverse KL, ``E_{z ~ N(0, I)}[log q(x) +
   U(x)]`` with ``x = to_target(z)`` and the target ``p(x) ∝ exp(-U(x))``; it equals
-  ``KL(q || p) - log Z`` (the free energy of Rezende & Mohamed 2015), so it is bounded below by ``-log Z``.
+  ``KL(q || p) - log Z`` (the free energy of Rezende & Mohamed 2015), so it is bounded below
+  by ``-log Z``.
 * maximum likelihood, :func:`mle_loss`: ``-E_data[log p(x)]`` (nats per sample).
 
 Targets (:data:`ENERGIES`: Rezende & Mohamed 2015 Table 1, U1-U4) and data
@@ -373,7 +374,9 @@ class CNF(Flow):
         noise: Hutchinson's noise, ``gaussian`` or ``rademacher``.
         penalties: RNODE/TayNODE penalties integrated on ``z`` (not on the log-density) in
             every solve while ``penalise`` (default: in training mode); see
-            :mod:`nodebench.regularisers`.
+            :mod:`nodebench.regularisers`. The Frobenius term draws its own noise and takes its
+            own vjp, also with ``trace=hutchinson`` (RNODE's code reuses the trace's noise and
+            vjp for both, saving one vjp per evaluation).
 
     Raises:
         ConfigError: an invalid trace, noise, solver or gradient combination.
