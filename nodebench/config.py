@@ -233,7 +233,9 @@ def build_task(cfg: DictConfig):
 
     node = OmegaConf.to_container(_get(cfg, "dataset"), resolve=True)
     task_node = node.pop("task", None)
-    node.pop("inputs", None)
+    if task_node is not None:  # the builders of the non-image sets take only their own options
+        node.pop("inputs", None)
+        node.pop("name", None)
     data = _call(node, "dataset")
     if task_node is None:
         return Classification(data)
