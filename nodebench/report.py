@@ -39,7 +39,7 @@ MODEL_LABEL = {"mlp": "1-layer MLP", "resnet": "ResNet", "rknet": "RK-Net", "ode
 
 
 # Config keys that do not change a run's numbers: runs differing only in these share a row.
-NOT_A_SETTING = ("seed", "experiment", "paths.", "trainer.progress", "trainer.threads",
+NOT_A_SETTING = ("seed", "experiment", "group", "reproduce", "paths.", "trainer.progress", "trainer.threads",
                  "trainer.device", "trainer.log_every", "trainer.resume", "trainer.checkpoint",
                  "trainer.save_model", "trainer.instruments.", "trainer.channels_last",
                  "dataset.root", "dataset.check", "hydra.")

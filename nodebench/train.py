@@ -53,7 +53,7 @@ CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = ("trainer.progress", "trainer.threads", "trainer.device", "trainer.resume",
                      "trainer.checkpoint", "trainer.log_every", "paths.data", "paths.runs",
-                     "dataset.root")  # where the (md5-checked) data sits does not change results
+                     "dataset.root", "reproduce")  # where the (md5-checked) data sits does not change results
 
 # metrics.csv columns of a classification run; other tasks put their own columns in place of
 # train_error and test_error (metric_fields)
@@ -331,7 +331,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "gradient": C.build_gradient(cfg).describe() if C.is_ode_model(cfg) else None,
         "dataset": cfg.dataset.name, "task": task.name, "train_size": task.train_size,
         "test_size": task.test_size, "seed": cfg.seed, "params": params,
-        "device": device_name(device), "experiment": cfg.experiment,
+        "device": device_name(device), "experiment": cfg.group,
         "config": config, "resumed_at_epochs": resumed_at,
         "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "load_start": list(os.getloadavg()),

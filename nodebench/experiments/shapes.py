@@ -132,7 +132,7 @@ def job_overrides(profile: dict, study: str, solver: str, experiment: str,
     train = max(24, round(s["train_size"] * profile["scale_train"]))
     out = [*BASE, f"seed={seed}", f"dataset={s['dataset']}", f"dataset.train_size={train}",
            f"solver={solver}",
-           f"solver.step_size={s['step']}", f"experiment={experiment}", *profile["common"]]
+           f"solver.step_size={s['step']}", f"group={experiment}", *profile["common"]]
     if solver != "euler":
         out += profile["implicit"]
     return out
