@@ -120,8 +120,8 @@ def write_report(runs: Path, results: Path, title: str, by: list[str],
     text = [f"# {title}", ""]
     if note:
         text += [note, ""]
-    text += [f"Mean ± sample std over the ok runs of each row ({len(frame)} runs in all); made "
-             "from the run records (summary.json) only.", "",
+    text += [(f"Mean ± sample std over the ok runs of each row ({len(frame)} runs in all); "
+              "made from the run records (summary.json) only."), "",
              table.to_markdown(index=False, disable_numparse=True), ""]
     (results / "table.md").write_text("\n".join(text))
     return table

@@ -593,7 +593,7 @@ def _final_metrics(rows: list[dict], task) -> dict:
     (``best_<target>``, e.g. ``best_test_error``) and its epoch, means of the timings."""
     target = task.target
     if not rows:
-        return {k: None for k in (*task.eval_columns, f"best_{target}", "best_epoch",
+        return {k: None for k in (*task.eval_columns, "train_loss", f"best_{target}", "best_epoch",
                                   "nfe_forward", "nfe_backward", "nfe_eval", "activation_mib",
                                   "epoch_time_s", "iter_s", "cuda_max_mib", "iterations",
                                   *STEP_FIELDS, *VALIDITY_FIELDS)}
@@ -603,6 +603,7 @@ def _final_metrics(rows: list[dict], task) -> dict:
     check_s = [r["validity_time_s"] for r in rows if r.get("validity_time_s") is not None]
     return {
         **{key: last.get(key) for key in task.eval_columns},
+        "train_loss": last["train_loss"],
         f"best_{target}": best[target],
         "best_epoch": best["epoch"], "nfe_forward": last["nfe_forward"],
         "nfe_backward": last["nfe_backward"], "nfe_eval": last["nfe_eval"],
