@@ -46,8 +46,8 @@ reproduce-expressivity: install ## trajectory length: FFN vs Neural ODE vs CT-RN
 reproduce-dynamics: install ## learning dynamical systems with an ODE-Net (seed 001) -> results/dynamics*
 	$(PY) -m nodebench.experiments.dynamics --profile $(PROFILE)
 
-reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 -> results/latent*
-	$(PY) -m nodebench.experiments.latent --profile $(PROFILE)
+reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 (nodebench reproduce chen2018_table2) -> results/chen2018_table2*
+	$(VENV)/bin/nodebench reproduce chen2018_table2 profile=$(PROFILE)
 
 bench: install ## seconds per iteration: nodebench vs a hand-written loop, instruments on vs off (BENCH_ARGS=--schedule: the cpu profile's schedule)
 	$(PY) -m nodebench.bench $(BENCH_ARGS)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .tables import mean_std
+
 GROUP_KEYS = ["model", "solver_desc", "gradient", "dataset", "train_size", "epochs", "batch",
               "setting"]
 MEASURED = ["test_error", "best_test_error", "nfe_forward", "nfe_backward", "activation_mib",
@@ -131,12 +133,7 @@ def _order(model: str) -> int:
 
 def _fmt(values: pd.Series, digits: int) -> str:
     """'mean ± std' over the ok runs (just the value for one run); '-' when there is none."""
-    v = values.dropna().astype(float)
-    if v.empty:
-        return "-"
-    if len(v) == 1:
-        return f"{v.iloc[0]:.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+    return mean_std(values, f".{digits}f")
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:

@@ -5,7 +5,8 @@
 profile=P`` (``reproduce.launcher``: ``local`` runs the jobs in parallel processes), into
 ``<paths.runs>/NAME-P/`` (a fixed folder: the same command again resumes unfinished runs and
 skips finished ones), and the report (:func:`nodebench.tables.write_report`, grouped by
-``reproduce.report.by``) is written from those run records into ``results/NAME`` (profile cpu),
+``reproduce.report.by``, and the preset's own ``reproduce.report.builder(runs, results,
+profile)`` where it has one) is written from those run records into ``results/NAME`` (profile cpu),
 ``results/NAME-P`` (paper, gpu) or ``<paths.runs>/NAME-tiny-results`` (tiny: never into the
 committed results). Further overrides go to every job (a key of the sweep given on the command
 line replaces the sweep's values). The profile defaults to ``cpu``.
@@ -63,7 +64,8 @@ def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
     launch = [f"hydra/launcher={launcher}"] if launcher and "hydra/launcher" not in given else []
     train_args = ["-m", *base, f"group={group}", f"hydra.sweep.dir={sweep_dir}", *launch,
                   *sweep, *rest]
-    report = {"by": list(cfg.reproduce.report.by), "metrics": list(cfg.reproduce.report.metrics)}
+    report = {"by": list(cfg.reproduce.report.by), "metrics": list(cfg.reproduce.report.metrics),
+              "builder": cfg.reproduce.report.get("builder"), "profile": profile}
     return train_args, sweep_dir, results_folder(name, profile, runs), report
 
 
@@ -90,5 +92,9 @@ def main(args: list[str]) -> int:
                  by=report["by"], metrics=report["metrics"],
                  note=f"Runs: `{sweep_dir}`; made by `nodebench reproduce {name} "
                       f"{' '.join(rest)}`.".replace("  ", " ").replace(" `.", "`."))
-    print(f"[reproduce] report in {results}/ (table.md, table.csv, runs.csv)", flush=True)
+    if report["builder"]:  # the preset's own tables and figures, from the same run records
+        from hydra.utils import get_method
+
+        get_method(report["builder"])(sweep_dir, results, report["profile"])
+    print(f"[reproduce] report in {results}/", flush=True)
     return code

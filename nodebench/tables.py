@@ -42,11 +42,17 @@ def mean_std(values: Iterable[Any], fmt: str = ".3g", std_fmt: str | None = None
     s = s[s.map(math.isfinite)]
     if s.empty:
         return empty
-    mean = f"{s.mean():{fmt}}{unit}"
     if len(s) == 1:
-        return single.format(mean=mean)
-    text = f"{mean} ± {s.std(ddof=1):{std_fmt or fmt}}"
+        return single.format(mean=f"{s.mean():{fmt}}{unit}")
+    text = pm(s.mean(), s.std(ddof=1), fmt, std_fmt, unit)
     return f"{text} ({len(s)})" if count else text
+
+
+def pm(mean: float, std: float, fmt: str = ".3g", std_fmt: str | None = None,
+       unit: str = "") -> str:
+    """``"mean ± std"`` of an already aggregated pair (e.g. from ``groupby().agg``), formatted as
+    :func:`mean_std` does."""
+    return f"{mean:{fmt}}{unit} ± {std:{std_fmt or fmt}}"
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
