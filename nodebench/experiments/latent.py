@@ -121,14 +121,14 @@ def _details(frame) -> tuple[list[str], object]:
                 f"{_pm(ok['test_rmse'].tolist())} | {_pm(ok['test_rmse_clean'].tolist())} | "
                 f"{_pm(ok['recon_rmse'].tolist())} | {loss} | {nfe} | "
                 + (f"{mean['nfe_eval']:.0f}" if model == "latent_ode" and len(ok) else "-")
-                + f" | {int(r['iterations'].max())} | {int(r['params'].iloc[0])} | "
+                + f" | {int(r['iterations'].fillna(0).max())} | {int(r['params'].iloc[0])} | "
                 f"{r['wall_time_s'].mean():.0f} |"
                 + (f" failed: {'; '.join(errors)}" if errors else ""))
             rows.append({"model": model, "n": int(n), "seeds_ok": len(ok), "seeds_run": len(r),
                          **{k: mean.get(k) for k in ("test_rmse", "test_rmse_clean",
                                                      "recon_rmse", "final_loss", "nfe_forward",
                                                      "nfe_backward", "nfe_eval")},
-                         "iterations": int(r["iterations"].max()),
+                         "iterations": int(r["iterations"].fillna(0).max()),
                          "params": int(r["params"].iloc[0]),
                          "wall_time_s": float(r["wall_time_s"].mean()),
                          "errors": "; ".join(errors)})
@@ -286,7 +286,7 @@ def report(runs: Path, results: Path, profile_name: str) -> bool:
     clean_md, clean_rows = _table2(frame, "test_rmse_clean")
     pd.DataFrame(t2_rows).to_csv(results / "table2.csv", index=False)
     pd.DataFrame(clean_rows).to_csv(results / "table2_noise_free.csv", index=False)
-    s = first["spirals"]
+    s = first["config"]["dataset"]
     heading = (f"### Table 2: predictive RMSE on the test set ({s['n_extrap']} extrapolation "
                f"points), by number of observations out of {s['n_window']}")
     note = (f"RMSE: sqrt of the mean squared error over all test spirals, the {s['n_extrap']} "
