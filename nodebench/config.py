@@ -211,14 +211,56 @@ def is_ode_model(cfg: DictConfig) -> bool:
     return "gradient" in cfg.model
 
 
-def build_model(cfg: DictConfig, in_channels: int, image_size: int,
-                num_classes: int) -> torch.nn.Module:
-    """Instantiate ``cfg.model`` (its ``_target_``) for a dataset of the given shape."""
+def model_inputs(cfg: DictConfig) -> dict[str, Any]:
+    """What the dataset hands to every model built for it: ``in_channels``, ``image_size`` and
+    ``num_classes`` from ``dataset.shape`` (images), else the ``dataset.inputs`` node (e.g.
+    ``data_dim`` and ``readout`` for the toy sets, ``obs_dim`` for the spirals)."""
+    node = _get(cfg, "dataset")
+    if "shape" in node:
+        shape = node.shape
+        return {"in_channels": shape.channels, "image_size": shape.size,
+                "num_classes": shape.classes}
+    if "inputs" not in node:
+        raise ConfigError(f"dataset {node.get('name')!r} has neither shape nor inputs")
+    return OmegaConf.to_container(node.inputs, resolve=True)
+
+
+def build_task(cfg: DictConfig):
+    """The dataset's data, loaded, wrapped in its task (:mod:`nodebench.tasks`): ``dataset.task``
+    (a ``_target_`` node called with ``data=``), :class:`~nodebench.tasks.Classification` for
+    image datasets without one. Raises ConfigError for a bad dataset or task option."""
+    from .tasks import Classification
+
+    node = OmegaConf.to_container(_get(cfg, "dataset"), resolve=True)
+    task_node = node.pop("task", None)
+    if task_node is not None:  # the builders of the non-image sets take only their own options
+        node.pop("inputs", None)
+        node.pop("name", None)
+    data = _call(node, "dataset")
+    if task_node is None:
+        return Classification(data)
+    target = task_node.pop("_target_", None)
+    try:
+        builder = get_method(target)
+    except Exception:  # noqa: BLE001
+        raise ConfigError(f"invalid dataset.task config: cannot import {target!r}") from None
+    try:
+        return builder(data=data, **task_node)
+    except TypeError as exc:
+        raise ConfigError(f"invalid dataset.task config: {exc}") from None
+
+
+def build_model(cfg: DictConfig, in_channels: int | None = None, image_size: int | None = None,
+                num_classes: int | None = None, *,
+                inputs: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Instantiate ``cfg.model`` (its ``_target_``) for a dataset of the given image shape, or with
+    the dataset's ``inputs`` (:func:`model_inputs`). Raises ConfigError for an unknown model
+    option, or a model that does not take the dataset's inputs (e.g. a toy model on images)."""
     node = OmegaConf.to_container(_get(cfg, "model"), resolve=True)
     node.pop("name", None)
     node.pop("gradient", None)
-    kwargs: dict[str, Any] = {"in_channels": in_channels, "image_size": image_size,
-                              "num_classes": num_classes}
+    kwargs: dict[str, Any] = dict(inputs) if inputs is not None else {
+        "in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
     if is_ode_model(cfg):
         kwargs.update(solver=build_solver(cfg), gradient=build_gradient(cfg))
     target = node.pop("_target_", None)
@@ -231,6 +273,12 @@ def build_model(cfg: DictConfig, in_channels: int, image_size: int,
     if unknown:
         raise ConfigError(f"unknown model option(s) {', '.join(unknown)} for "
                           f"{cfg.model.name!r}")
+    named = {k for k, v in accepted.items() if v.kind != inspect.Parameter.VAR_KEYWORD}
+    misfit = sorted(k for k in kwargs if k not in named)
+    if misfit:
+        raise ConfigError(f"model {cfg.model.name!r} does not fit dataset "
+                          f"{_get(cfg, 'dataset.name')!r}: it takes no {', '.join(misfit)} "
+                          f"(choose a model made for this dataset's task)")
     # Called directly, not through instantiate(): Hydra would turn the Solver and Gradient
     # objects into configs.
     return builder(**node, **kwargs)
@@ -277,7 +325,7 @@ def _check_bool(name: str, value: Any) -> None:
 def check_trainer(cfg: DictConfig) -> None:
     """Types and ranges of ``trainer.*`` and ``seed``; raises ConfigError naming the key."""
     t = _get(cfg, "trainer")
-    for key in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "eval_every"):
         _check_count(f"trainer.{key}", t.get(key, 1))
     for key in ("max_batches", "threads"):
         _check_count(f"trainer.{key}", t.get(key), allow_none=True)
@@ -368,7 +416,6 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     except OmegaConfBaseException as exc:
         raise ConfigError(one_line(exc)) from None
     check_model(cfg)
-    shape = _get(cfg, "dataset.shape")
-    model = build_model(cfg, shape.channels, shape.size, shape.classes)
+    model = build_model(cfg, inputs=model_inputs(cfg))
     build_optimizer(cfg, model)
     check_dataset(cfg, check_files)

@@ -293,3 +293,98 @@ def make_network(name: str) -> ODEFunc:
 
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+class TrajectoryODE(nn.Module):
+    """The ODE-Net of the trajectory fits: ``forward(y0, t)`` solves dy/dt = f(y) from the states
+    y0 (B, dim) over the times t (T,) and returns (T, B, dim); f is an :class:`ODEFunc` with
+    hidden widths ``hidden`` (``[50]``: the seed's 2-50-2, ``[150, 50, 50]``: its deep net)."""
+
+    def __init__(self, dim: int, solver: Solver, gradient: Gradient,
+                 hidden: tuple[int, ...] | list[int] = (50,)) -> None:
+        super().__init__()
+        self.func = ODEFunc(tuple(int(h) for h in hidden), dim)
+        self.solver, self.gradient = solver, gradient
+
+    def forward(self, y0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return odesolve(self.func, y0, t, self.solver, self.gradient)
+
+
+@dataclass
+class TrajectoryData:
+    """One system's trajectory as training data: grid ``t`` (N,) float32, truth ``y`` (N, 2)
+    float64, ``y_train`` (N, 2) float32 (the points the loss sees), the observed grid indices
+    ``observed`` (sorted), those in the training window ``obs_train``, and ``train_end`` (the
+    number of leading grid points in the training window)."""
+
+    system: System
+    t: torch.Tensor
+    y: torch.Tensor
+    y_train: torch.Tensor
+    observed: torch.Tensor
+    obs_train: torch.Tensor
+    train_end: int
+
+    @property
+    def dt(self) -> float:
+        return self.system.dt
+
+    def to(self, device: torch.device) -> TrajectoryData:
+        return TrajectoryData(self.system, self.t.to(device), self.y.to(device),
+                              self.y_train.to(device), self.observed.to(device),
+                              self.obs_train.to(device), self.train_end)
+
+
+def trajectory_dataset(system: str = "spiral", points: int | None = None, system_seed: int = 0,
+                       sampling: str = "regular", keep: float = 0.5,
+                       train_fraction: float = 0.75, seed: int = 0, **_: object) -> TrajectoryData:
+    """``conf/dataset/<system>.yaml``: system ``system`` (:data:`SYSTEMS`) on ``points`` grid points
+    (None: its default), observed ``regular``-ly or ``irregular``-ly (``keep`` of the points,
+    drawn with ``seed``), training on the first ``train_fraction`` of the time range.
+    Raises ConfigError for an unknown system or sampling or a fraction outside (0, 1]."""
+    from .errors import ConfigError
+
+    try:
+        s = make_system(system, points=points, seed=system_seed)
+        observed = s.observed(sampling, keep, seed)
+        end = s.train_end(train_fraction)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"invalid dynamics dataset: {str(exc).strip(chr(39))}") from None
+    obs_train = observed[observed < end]
+    if len(obs_train) < 2:
+        raise ConfigError(f"dataset {system}: fewer than 2 observed points in the training window")
+    return TrajectoryData(s, s.t.float(), s.y, s.y.float(), observed, obs_train, end)
+
+
+def sub_trajectories(obs: torch.Tensor, y: torch.Tensor, batch_time: int, batch_size: int,
+                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
+    """Random sub-trajectories of ``batch_time`` consecutive observed points (ode_demo's
+    ``get_batch``, for irregular grids too).
+
+    Returns the start states (B, 2), the union of the grid offsets from each start (U,) (sorted,
+    0 first), the position of every point in that union (B, T) and the targets (B, T, 2).
+    """
+    starts = len(obs) - batch_time + 1
+    pick = torch.randperm(starts, generator=gen)[:batch_size].to(obs.device)
+    idx = obs[pick[:, None] + torch.arange(batch_time, device=obs.device)]  # (B, T) grid indices
+    offsets = idx - idx[:, :1]
+    union = torch.unique(offsets)  # sorted; 0 first
+    pos = torch.searchsorted(union, offsets)
+    return y[idx[:, 0]], union, pos, y[idx]
+
+
+def trajectory_errors(true: torch.Tensor, pred: torch.Tensor, train_end: int) -> dict:
+    """MSE and MSE / variance of the truth (per component, averaged), in the training window
+    (``fit_*``) and after it (``extrap_*``); None where a window is empty or has no variance."""
+    out = {}
+    for name, sl in (("fit", slice(0, train_end)), ("extrap", slice(train_end, None))):
+        a, b = true[sl], pred[sl]
+        if len(a) == 0:
+            out.update({f"{name}_mse": None, f"{name}_var": None, f"{name}_rel": None})
+            continue
+        mse = float(((a - b) ** 2).mean())
+        var = float(a.var(0, unbiased=False).mean()) if len(a) > 1 else 0.0
+        out.update({f"{name}_mse": mse, f"{name}_var": var,
+                    f"{name}_rel": mse / var if var > 0 else None})
+    return out

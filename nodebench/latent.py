@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,6 +157,9 @@ class Observed:
     def __getitem__(self, rows) -> Observed:
         return Observed(self.idx[rows], self.t[rows], self.x[rows])
 
+    def to(self, device: torch.device) -> Observed:
+        return Observed(self.idx.to(device), self.t.to(device), self.x.to(device))
+
 
 def subsample(count: int, window: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """(count, n) grid indices: per row, ``n`` of ``0 .. window - 1`` drawn without replacement
@@ -173,6 +177,40 @@ def observe(spirals: Spirals, n: int, seed: int) -> Observed:
     idx = subsample(spirals.config.n_spirals, spirals.config.n_window, n, gen)
     x = torch.gather(spirals.noisy, 1, idx[..., None].expand(-1, -1, 2))
     return Observed(idx, spirals.t[idx], x)
+
+
+@dataclass
+class SpiralData:
+    """The spirals and the ``n`` observations per spiral that a run sees (the data of
+    :class:`nodebench.tasks.LatentSequence`)."""
+
+    spirals: Spirals
+    obs: Observed
+
+    def to(self, device: torch.device) -> SpiralData:
+        s = self.spirals
+        moved = Spirals(s.config, *(getattr(s, k).to(device) for k in
+                                    ("t", "clean", "noisy", "direction", "r0", "phi0")))
+        return SpiralData(moved, self.obs.to(device))
+
+
+def spiral_dataset(n_obs: int = 30, seed: int = 0, **config: Any) -> SpiralData:
+    """``conf/dataset/spirals.yaml``: the spirals of :class:`SpiralConfig` (keyword arguments
+    ``config``; the paper's sizes by default) drawn with ``seed`` and ``n_obs`` observations per
+    spiral (:func:`observe`, seeded by ``seed`` and ``n_obs``). Raises ConfigError for a bad
+    size (``n_obs`` outside 2 .. n_window, a non-positive count, ...)."""
+    from .errors import ConfigError
+
+    config.pop("name", None)
+    try:
+        c = SpiralConfig(**config)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid spirals dataset: {exc}") from None
+    if not isinstance(n_obs, int) or not 2 <= n_obs <= c.n_window:
+        raise ConfigError(f"dataset.n_obs must be in 2..{c.n_window} (observations out of the "
+                          f"window; the RNNs need 2 to predict one), got {n_obs!r}")
+    spirals = make_spirals(c, seed)
+    return SpiralData(spirals, observe(spirals, n_obs, seed))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .tables import mean_std
+
 GROUP_KEYS = ["model", "solver_desc", "gradient", "dataset", "train_size", "epochs", "batch",
               "setting"]
 MEASURED = ["test_error", "best_test_error", "nfe_forward", "nfe_backward", "activation_mib",
@@ -43,7 +45,7 @@ MODEL_LABEL = {"mlp": "1-layer MLP", "resnet": "ResNet", "rknet": "RK-Net", "ode
 
 
 # Config keys that do not change a run's numbers: runs differing only in these share a row.
-NOT_A_SETTING = ("seed", "experiment", "paths.", "trainer.progress", "trainer.threads",
+NOT_A_SETTING = ("seed", "experiment", "group", "reproduce", "paths.", "trainer.progress", "trainer.threads",
                  "trainer.device", "trainer.log_every", "trainer.resume", "trainer.checkpoint",
                  "trainer.save_model", "trainer.instruments.", "trainer.channels_last",
                  "dataset.root", "dataset.check", "hydra.")
@@ -146,19 +148,10 @@ def _order(model: str) -> int:
     return MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
 
 
-def mean_std(values, digits: int, spec: str = "f") -> str:
-    """'mean ± std' (sample std) of the values that are not None/NaN, each number formatted with
-    ``.{digits}{spec}`` (``spec="e"``: scientific); just the value for one; '-' for none. The one
-    formatter of every nodebench report."""
-    v = pd.Series(list(values), dtype=object).dropna().astype(float)
-    if v.empty:
-        return "-"
-    if len(v) == 1:
-        return f"{v.iloc[0]:.{digits}{spec}}"
-    return f"{v.mean():.{digits}{spec}} ± {v.std(ddof=1):.{digits}{spec}}"
-
-
-_fmt = mean_std
+def _fmt(values, digits: int, spec: str = "f") -> str:
+    """'mean ± std' over the ok runs (just the value for one run); '-' when there is none;
+    numbers formatted ``.{digits}{spec}`` (``spec="e"``: scientific)."""
+    return mean_std(values, f".{digits}{spec}")
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:

@@ -317,7 +317,3 @@ def odesolve(func: torch.nn.Module, y0: torch.Tensor, t: torch.Tensor, solver: S
         adjoint_atol=gradient.atol if gradient.atol is not None else solver.atol,
         adjoint_method=method, adjoint_options=adjoint_options,
         adjoint_params=tuple(func.parameters()))
-
-
-# nodebench's own methods register themselves in EXTRA_SOLVERS (imported last: they use Solver).
-from . import implicit  # noqa: F401

@@ -53,8 +53,10 @@ CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = ("trainer.progress", "trainer.threads", "trainer.device", "trainer.resume",
                      "trainer.checkpoint", "trainer.log_every", "paths.data", "paths.runs",
-                     "dataset.root")  # where the (md5-checked) data sits does not change results
+                     "dataset.root", "reproduce")  # where the (md5-checked) data sits does not change results
 
+# metrics.csv columns of a classification run; other tasks put their own columns in place of
+# train_error and test_error (metric_fields)
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_error", "nfe_forward",
                  "nfe_backward", "nfe_eval", "implicit_iters_forward", "implicit_iters_backward",
                  "activation_mib", "cuda_max_mib", "iter_s",
@@ -68,6 +70,13 @@ METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_error", "test_error", "nfe_
 STEP_FIELDS = METRIC_FIELDS[METRIC_FIELDS.index("steps_accepted_forward"):
                             METRIC_FIELDS.index("validity_reference_error")]
 VALIDITY_FIELDS = METRIC_FIELDS[METRIC_FIELDS.index("validity_reference_error"):]
+COMMON_FIELDS = METRIC_FIELDS[METRIC_FIELDS.index("nfe_forward"):]
+
+
+def metric_fields(task) -> list[str]:
+    """The metrics.csv columns of a run of ``task``: epoch, lr, train_loss, the task's training
+    and evaluation columns, then the instruments' columns (the same for every task)."""
+    return ["epoch", "lr", "train_loss", *task.train_columns, *task.eval_columns, *COMMON_FIELDS]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -238,17 +247,15 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def evaluate(model: torch.nn.Module, data, batch_size: int, nfe: NFECounter) -> tuple[float, float]:
-    """Test error (%) and mean NFE per evaluation batch."""
+def evaluate(model: torch.nn.Module, task, batch_size: int,
+             nfe: NFECounter) -> tuple[dict, float | None, int]:
+    """The task's evaluation metrics, the mean NFE per evaluation batch (None when not counted)
+    and the number of evaluation batches."""
     model.eval()
-    wrong, total, batches = 0, 0, 0
     with torch.no_grad(), nfe.phase_("eval"):
-        for x, y in data.test_batches(batch_size):
-            wrong += (model(x).argmax(1) != y).sum().item()
-            total += y.numel()
-            batches += 1
+        metrics, batches = task.evaluate(model, batch_size)
     nfe_eval = nfe.take("eval") / max(batches, 1) if nfe.counting else None
-    return 100.0 * wrong / max(total, 1), nfe_eval
+    return metrics, nfe_eval, batches
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -272,24 +279,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(int(t.threads))
     seed_everything(cfg.seed, t.deterministic)
 
-    data = C._call(cfg.dataset, "dataset").to(device)
-    shape = cfg.dataset.shape
-    model = C.build_model(cfg, shape.channels, shape.size, shape.classes).to(device)
-    channels_last = bool(t.get("channels_last", False))
+    task = C.build_task(cfg).to(device)
+    model = C.build_model(cfg, inputs=C.model_inputs(cfg)).to(device)
+    channels_last = bool(t.get("channels_last", False)) and hasattr(task, "channels_last")
     if channels_last:  # a memory layout only: the same numbers, faster convolutions on some CPUs
         model = model.to(memory_format=torch.channels_last)
-    n_batches = data.batches_per_epoch(t.batch_size)
+    fields = metric_fields(task)
+    n_batches = task.batches_per_epoch(t.batch_size)
     if t.max_batches:
         n_batches = min(n_batches, t.max_batches)
     if n_batches == 0:
         raise ConfigError(f"trainer.batch_size {t.batch_size} exceeds the "
-                          f"{data.train_x.shape[0]} training images")
+                          f"{task.train_size} training {task.unit}")
+    eval_every = int(t.get("eval_every", 1))
     optimizer, scheduler = C.build_optimizer(cfg, model, total_steps=t.epochs * n_batches)
     step_interval = cfg.optim.interval == "step"
     params = count_parameters(model)
     # Gradient error at initialisation: the weights as built (before a checkpoint is loaded, so a
     # resumed run measures the same initial weights; no random numbers are drawn).
-    grad_init = _gradient_check(model, data, t.instruments)
+    grad_init = _gradient_check(model, task, t.instruments)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only needed here
@@ -321,43 +329,41 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "solver": cfg.solver.method if C.is_ode_model(cfg) else None,
         "solver_desc": C.build_solver(cfg).describe() if C.is_ode_model(cfg) else None,
         "gradient": C.build_gradient(cfg).describe() if C.is_ode_model(cfg) else None,
-        "dataset": cfg.dataset.name, "train_size": int(data.train_x.shape[0]),
-        "test_size": int(data.test_x.shape[0]), "seed": cfg.seed, "params": params,
-        "device": device_name(device), "experiment": cfg.experiment,
+        "dataset": cfg.dataset.name, "task": task.name, "train_size": task.train_size,
+        "test_size": task.test_size, "seed": cfg.seed, "params": params,
+        "device": device_name(device), "experiment": cfg.group,
         "config": config, "resumed_at_epochs": resumed_at,
         "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "load_start": list(os.getloadavg()),
     }
-    log.info("%s: %s params on %s, %d train / %d test images", cfg.model.name, f"{params:,}",
-             summary["device"], summary["train_size"], summary["test_size"])
+    log.info("%s: %s params on %s, %d train / %d test %s", cfg.model.name, f"{params:,}",
+             summary["device"], summary["train_size"], summary["test_size"], task.unit)
     started = time.perf_counter()
     run_iters = dict.fromkeys(IMPLICIT_STATS.KEYS, 0)  # this session's, training + evaluation
     try:
         for epoch in range(first_epoch, t.epochs + 1):
             model.train()
             clock = Stopwatch(device)
-            sums = {"loss": 0.0, "wrong": 0, "seen": 0, "nfe_f": 0, "nfe_b": 0, "mem": 0.0,
-                    "iter_s": 0.0}
+            sums = {"loss": 0.0, "seen": 0, "nfe_f": 0, "nfe_b": 0, "mem": 0.0, "iter_s": 0.0}
+            counts: dict[str, float] = {}  # the task's sums behind its training columns
             epoch_iters = dict.fromkeys(IMPLICIT_STATS.KEYS, 0)
             epoch_steps: dict[str, dict] = {"forward": {}, "backward": {}}
             IMPLICIT_STATS.take()
             bar = tqdm(total=n_batches, desc=f"{cfg.model.name} epoch {epoch}/{t.epochs}",
                        disable=not t.progress, leave=False, dynamic_ncols=True,
                        mininterval=0.1 if sys.stderr.isatty() else 5.0)
-            for i, (x, y) in enumerate(data.train_batches(t.batch_size, gen)):
+            for i, batch in enumerate(task.train_batches(t.batch_size, gen)):
                 if i >= n_batches:
                     break
                 if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                    batch = task.channels_last(batch)
                 measure_mem = inst.memory and i % inst.memory_every == 0
                 with nfe.phase_("forward"):
                     if measure_mem:
                         with meter.measure(device):
-                            logits = model(x)
-                            loss = torch.nn.functional.cross_entropy(logits, y)
+                            loss, out = task.loss(model, batch)
                     else:
-                        logits = model(x)
-                        loss = torch.nn.functional.cross_entropy(logits, y)
+                        loss, out = task.loss(model, batch)
                 loss_value = loss.item()  # a sync point; needed to stop on a NaN at once
                 if not math.isfinite(loss_value):
                     raise SolverFailure(f"non-finite loss ({loss_value}) at epoch {epoch}, "
@@ -380,10 +386,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 for key, value in its.items():
                     epoch_iters[key] += value
                     run_iters[key] += value
-                wrong = (logits.argmax(1) != y).sum().item()
-                sums["loss"] += loss_value * y.numel()
-                sums["wrong"] += wrong
-                sums["seen"] += y.numel()
+                counted = task.count(batch, out)
+                sums["loss"] += loss_value * counted["seen"]
+                for key, value in counted.items():
+                    counts[key] = counts.get(key, 0) + value
+                sums["seen"] += counted["seen"]
                 sums["nfe_f"] += nf
                 sums["nfe_b"] += nb
                 sums["iter_s"] += iter_s
@@ -416,14 +423,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 scheduler.step()
             train_time = sums["iter_s"]
             eval_clock = Stopwatch(device)
-            test_error, nfe_eval = evaluate(model, data, t.eval_batch_size, nfe)
+            evaluated = epoch % eval_every == 0 or epoch == t.epochs
+            if evaluated:  # trainer.eval_every: the columns stay empty in the other epochs
+                scores, nfe_eval, eval_batches = evaluate(model, task, t.eval_batch_size, nfe)
+            else:
+                scores, nfe_eval, eval_batches = {}, None, 0
             eval_s = eval_clock.lap()
             for key, value in IMPLICIT_STATS.take().items():  # evaluation: forward solves only
                 run_iters[key] += value
             row = {
                 "epoch": epoch, "lr": lr, "train_loss": sums["loss"] / max(sums["seen"], 1),
-                "train_error": 100.0 * sums["wrong"] / max(sums["seen"], 1),
-                "test_error": test_error,
+                **task.train_stats(counts),
+                **{key: scores.get(key) for key in task.eval_columns},
                 "nfe_forward": sums["nfe_f"] / n_batches if nfe.counting else None,
                 "nfe_backward": sums["nfe_b"] / n_batches if nfe.counting else None,
                 "nfe_eval": nfe_eval,
@@ -433,17 +444,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "cuda_max_mib": meter.cuda_max_mib, "iter_s": train_time / n_batches,
                 "epoch_time_s": train_time, "eval_time_s": eval_s, "iterations": n_batches,
             }
-            eval_batches = math.ceil(data.test_x.shape[0] / t.eval_batch_size)
             row.update(_step_columns(epoch_steps if steps is not None else None,
                                      steps.take("eval") if steps is not None else None,
                                      n_batches, eval_batches))
-            row.update(_validity_check(model, data, inst))  # outside any phase: not counted
+            row.update(_validity_check(model, task, inst))  # outside any phase: not counted
             rows.append(row)
-            _write_metrics(run_dir / "metrics.csv", rows)
-            for key in ("train_loss", "train_error", "nfe_forward", "nfe_backward"):
+            _write_metrics(run_dir / "metrics.csv", rows, fields)
+            for key in ("train_loss", *task.train_columns, "nfe_forward", "nfe_backward"):
                 if row[key] is not None:
                     writer.add_scalar(f"epoch/{key}", row[key], epoch)
-            writer.add_scalar("eval/test_error", test_error, epoch)
+            for key in task.eval_columns:
+                if row[key] is not None:
+                    writer.add_scalar(f"eval/{key}", row[key], epoch)
             if nfe_eval is not None:
                 writer.add_scalar("eval/nfe", nfe_eval, epoch)
             writer.add_scalar("train/lr", lr, epoch)
@@ -469,11 +481,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                          _fmt(row["validity_reference_error"]),
                          _fmt(row["validity_roundtrip_error"]),
                          inst.get("validity_threshold", DEFAULT_THRESHOLD))
-            log.info("epoch %d/%d  loss %.4f  test error %.2f%%  NFE f/b %.1f/%.1f  "
-                     "mem %.1f MiB  %.1f s", epoch, t.epochs, row["train_loss"], test_error,
+            log.info("epoch %d/%d  loss %.4f  %s  NFE f/b %.1f/%.1f  mem %.1f MiB  %.1f s",
+                     epoch, t.epochs, row["train_loss"], _score_text(task, row),
                      row["nfe_forward"] or 0.0, row["nfe_backward"] or 0.0,
-                     row["activation_mib"] or 0.0,
-                     train_time)
+                     row["activation_mib"] or 0.0, train_time)
             if t.get("checkpoint", True):
                 save_checkpoint(run_dir / CHECKPOINT, {
                     "epoch": epoch, "step": step, "rows": _plain_rows(rows),
@@ -491,13 +502,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         log.error("run failed: %s", reason)
     finally:
         nfe.remove()
-    summary.update(_final_metrics(rows))
+    summary.update(_final_metrics(rows, task))
     if steps is not None:
         steps.remove()
     summary["validity_threshold"] = (float(inst.get("validity_threshold", DEFAULT_THRESHOLD))
                                      if inst.get("validity", True) else None)
     summary.update(_grad_fields("init", grad_init))
-    summary.update(_grad_fields("final", _gradient_check(model, data, inst)
+    summary.update(_grad_fields("final", _gradient_check(model, task, inst)
                                 if summary["status"] == "ok" else None))
     summary["implicit_iterations"] = run_iters if any(run_iters.values()) else None
     summary["wall_time_s"] = time_before + time.perf_counter() - started
@@ -506,12 +517,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary["contended"] = contended(summary)
     if t.save_model and summary["status"] == "ok":
         torch.save(model.state_dict(), run_dir / "model.pt")
+    if summary["status"] == "ok":
+        model.eval()
+        task.save_artifacts(model, run_dir)  # what the report draws (toys, dynamics, latent)
     # the full solver description (method, tolerances or step size) and gradient mode; '-' for
     # models without an ODE block (never the string 'None')
     hparams = {"model": summary["model"], "solver": summary["solver_desc"] or "-",
                "gradient": summary["gradient"] or "-", "dataset": summary["dataset"],
                "seed": summary["seed"], "params": summary["params"], "status": summary["status"]}
-    final = {f"hparam/{k}": summary[k] for k in ("test_error", "nfe_forward")
+    final = {f"hparam/{k}": summary[k] for k in (task.target, "nfe_forward")
              if isinstance(summary.get(k), (int, float))}
     writer.add_hparams(hparams, final, run_name=".")
     writer.close()
@@ -564,28 +578,33 @@ def _plain_rows(rows: list[dict]) -> list[dict]:
     return [{str(k): _plain(v) for k, v in row.items()} for row in rows]
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
+def _write_metrics(path: Path, rows: list[dict], fields: list[str] = METRIC_FIELDS) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+        w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
 
 
-def _final_metrics(rows: list[dict]) -> dict:
-    """Summary fields from the epoch rows: the last epoch's values (its step statistics and
-    validity too), the best test error, means of the timings."""
+def _final_metrics(rows: list[dict], task) -> dict:
+    """Summary fields from the epoch rows: the last evaluation's values (the last epoch's step
+    statistics and validity), the best (lowest) value of the task's target column
+    (``best_<target>``, e.g. ``best_test_error``) and its epoch, means of the timings."""
+    target = task.target
     if not rows:
-        return {k: None for k in ("test_error", "best_test_error", "best_epoch", "nfe_forward",
-                                  "nfe_backward", "nfe_eval", "activation_mib", "epoch_time_s",
-                                  "iter_s", "cuda_max_mib", "iterations",
+        return {k: None for k in (*task.eval_columns, "train_loss", f"best_{target}", "best_epoch",
+                                  "nfe_forward", "nfe_backward", "nfe_eval", "activation_mib",
+                                  "epoch_time_s", "iter_s", "cuda_max_mib", "iterations",
                                   *STEP_FIELDS, *VALIDITY_FIELDS)}
     last = rows[-1]
-    best = min(rows, key=lambda r: r["test_error"])
+    scored = [r for r in rows if r.get(target) is not None]
+    best = min(scored, key=lambda r: r[target]) if scored else {target: None, "epoch": None}
     check_s = [r["validity_time_s"] for r in rows if r.get("validity_time_s") is not None]
     return {
-        "test_error": last["test_error"], "best_test_error": best["test_error"],
+        **{key: last.get(key) for key in task.eval_columns},
+        "train_loss": last["train_loss"],
+        f"best_{target}": best[target],
         "best_epoch": best["epoch"], "nfe_forward": last["nfe_forward"],
         "nfe_backward": last["nfe_backward"], "nfe_eval": last["nfe_eval"],
         "activation_mib": max((r["activation_mib"] or 0.0) for r in rows) or None,
@@ -602,10 +621,14 @@ def _fmt(value: float | None) -> str:
     return "failed" if value is None else f"{value:.2e}"
 
 
-def _fixed_batch(data, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``size`` test images (float in [0, 1], on the data's device) and their labels:
-    the fixed batch of the validity and gradient-error checks (no random numbers drawn)."""
-    return next(iter(data.test_batches(int(size))))
+def _score_text(task, row: dict) -> str:
+    """The evaluation columns of an epoch row for the log line ('not evaluated' when skipped)."""
+    if row.get(task.target) is None:
+        return "not evaluated"
+    if task.target == "test_error":
+        return f"test error {row['test_error']:.2f}%"
+    return "  ".join(f"{key} {row[key]:.4g}" for key in task.eval_columns
+                     if row.get(key) is not None)
 
 
 def _step_columns(train: dict[str, dict] | None, evals: dict | None, n_batches: int,
@@ -639,14 +662,15 @@ def _step_columns(train: dict[str, dict] | None, evals: dict | None, n_batches: 
     }
 
 
-def _validity_check(model: torch.nn.Module, data, inst) -> dict:
+def _validity_check(model: torch.nn.Module, task, inst) -> dict:
     """The end-of-epoch validity columns (``trainer.instruments.validity``): reference and
     round-trip errors of every ODE block on the fixed batch (:func:`nodebench.validity.
     model_validity`), ``valid`` and the time the check took; None when off or without blocks."""
-    if not inst.get("validity", True) or not ode_blocks(model):
+    if not inst.get("validity", True) or not ode_blocks(model) \
+            or task.check_batch(1) is None:
         return dict.fromkeys(VALIDITY_FIELDS)
     watch = time.perf_counter()
-    x, _ = _fixed_batch(data, inst.get("validity_batch", 64))
+    x, _ = task.check_batch(int(inst.get("validity_batch", 64)))
     found = model_validity(model, x, float(inst.get("validity_threshold", DEFAULT_THRESHOLD)))
     if found["validity_failure"]:
         log.warning("validity check: %s", found["validity_failure"])
@@ -655,15 +679,16 @@ def _validity_check(model: torch.nn.Module, data, inst) -> dict:
             "valid": found["valid"], "validity_time_s": time.perf_counter() - watch}
 
 
-def _gradient_check(model: torch.nn.Module, data, inst) -> dict | None:
+def _gradient_check(model: torch.nn.Module, task, inst) -> dict | None:
     """Gradient error (``trainer.instruments.gradient_error``) of ``model`` on the fixed batch
     against the float64 1e-9 direct-backprop reference (:func:`nodebench.validity.
     gradient_error`), with the seconds it took; None when off or without ODE blocks."""
-    if not inst.get("gradient_error", True) or not ode_blocks(model):
+    if not inst.get("gradient_error", True) or not ode_blocks(model) \
+            or task.check_batch(1) is None:
         return None
     watch = time.perf_counter()
-    x, y = _fixed_batch(data, inst.get("gradient_error_batch", 16))
-    found = gradient_error(model, x, y)
+    x, y = task.check_batch(int(inst.get("gradient_error_batch", 16)))
+    found = gradient_error(model, x, y, loss_fn=task.check_loss)
     if found["failure"]:
         log.warning("gradient error check: %s", found["failure"])
     return {**found, "time_s": time.perf_counter() - watch}

@@ -21,9 +21,20 @@ CASES = [(g, o) for g in ("model", "solver", "adjoint", "optim", "trainer", "dat
          for o in options(g)]
 
 
+# Models and datasets of the other tasks (nodebench.tasks), and a partner from the same task.
+PARTNER = {**{("model", m): "dataset=annulus" for m in ("node_toy", "anode_toy", "anode2_toy",
+                                                        "anode5_toy", "resnet_toy")},
+           **{("model", m): "dataset=spirals" for m in ("latent_ode", "rnn", "rnn_dt")},
+           **{("model", m): "dataset=ode_spiral" for m in ("ode_small", "ode_deep")},
+           **{("dataset", d): "model=anode_toy" for d in ("g_1d", "annulus", "annulus_wedge")},
+           ("dataset", "spirals"): "model=latent_ode",
+           **{("dataset", d): "model=ode_small" for d in options("dataset") if d.startswith("ode_")}}
+
+
 @pytest.mark.parametrize("group,option", CASES)
 def test_config_composes_and_validates(group, option):
-    overrides = ["dataset=synthetic", f"{group}={option}", *NEEDS.get((group, option), [])]
+    partner = PARTNER.get((group, option), "dataset=synthetic")
+    overrides = [partner, f"{group}={option}", *NEEDS.get((group, option), [])]
     if group == "adjoint" and option == "seminorm":
         overrides.append("model=odenet")
     cfg = C.compose(overrides)

@@ -227,84 +227,66 @@ def test_rnn_baselines_predict_next_points_and_roll_forward():
     assert isinstance(dt_net, RNNBaseline) and dt_net.time_gaps and not plain.time_gaps
 
 
-# --- the driver -------------------------------------------------------------------------------
+# --- the reproduction (nodebench reproduce chen2018_table2: nodebench train runs + the report) ---
 
-def test_tiny_profile_end_to_end(tmp_path, capsys):
-    runs, results = tmp_path / "runs", tmp_path / "results"
-    code = driver.main(["--profile", "tiny", "--runs", str(runs), "--results", str(results)])
-    assert code == 0
-    p = driver.PROFILES["tiny"]
-    names = sorted(d.name for d in runs.iterdir())
-    assert names == sorted(f"{m}_n{n}_s0" for m in ("rnn", "rnn_dt", "latent_ode")
-                           for n in (30, 50, 100))
-    s = json.loads((runs / "latent_ode_n30_s0" / "summary.json").read_text())
-    assert s["status"] == "ok" and s["iterations"] == p["iterations"]
+def test_tiny_reproduction_end_to_end(runs_dir, capsys):
+    from nodebench.cli import main
+
+    assert main(["reproduce", "chen2018_table2", "profile=tiny"]) == 0
+    runs, results = runs_dir / "chen2018_table2-tiny", runs_dir / "chen2018_table2-tiny-results"
+    summaries = {(s["model"], s["config"]["dataset"]["n_obs"]): s
+                 for s in (json.loads(p.read_text()) for p in runs.rglob("summary.json"))}
+    assert sorted(summaries) == sorted((m, n) for m in ("rnn", "rnn_dt", "latent_ode")
+                                       for n in (30, 100))
+    s = summaries[("latent_ode", 30)]
+    assert s["status"] == "ok" and s["task"] == "latent" and s["iterations"] == 2 * 3
     assert s["params"] == 2784 and s["nfe_forward"] > 0 and s["nfe_backward"] == 0
     assert 0 < s["test_rmse"] < 10 and 0 < s["recon_rmse"] < 10
-    assert s["spirals"]["noise"] == 0.1 and s["config"]["lr"] == p["lr"]
-    metrics = pd.read_csv(runs / "latent_ode_n30_s0" / "metrics.csv")
-    assert metrics["iteration"].iloc[-1] == p["iterations"]
-    pred = torch.load(runs / "rnn_n50_s0" / "predictions.pt")
-    assert pred["extrap"].shape == (p["keep"], 100, 2) and pred["obs_x"].shape[1] == 50
+    pred = torch.load(next(runs.glob("*rnn_s0")) / "predictions.pt")
+    assert pred["extrap"].shape == (2, 100, 2)
     for name in ("README.md", "table2.md", "table2.csv", "table2_noise_free.csv", "details.md",
-                 "details.csv", "runs.csv", "spirals.png", "curves.png"):
+                 "details.csv", "runs.csv", "spirals.png", "curves.png", "table.md"):
         assert (results / name).stat().st_size > 0, name
     table = (results / "table2.md").read_text()
     rows = [r for r in table.splitlines() if r.startswith("| ")]
-    assert rows[0] == "| model | source | n = 30 | n = 50 | n = 100 |"
+    assert rows[0] == "| model | source | n = 30 | n = 100 |"
     measured = [r for r in rows if "measured" in r]
     paper = [r for r in rows if "**paper**" in r]
     assert [r.split(" | ")[0] for r in measured] == ["| RNN", "| RNN + time gaps",
                                                      "| Latent ODE"]
     assert all("(1 seed)" in r for r in measured)
-    assert "0.3937 | 0.3202 | 0.1813" in paper[0] and "0.1642 | 0.1502 | 0.1346" in paper[1]
-    assert not any(v in r for r in measured for v in ("0.3937", "0.1642", "0.1346"))
+    assert "0.3937 | 0.1813" in paper[0] and "0.1642 | 0.1346" in paper[1]
     assert "Budget (profile `tiny`)" in table and "noise std 0.1" in table
     csv = pd.read_csv(results / "table2.csv")
-    assert sorted(set(csv["source"])) == ["measured", "paper"]
-    assert len(csv[csv["source"] == "measured"]) == 9 and len(csv[csv["source"] == "paper"]) == 6
-    out = capsys.readouterr().out
-    assert "[latent] latent_ode n=100 s0: done" in out and "it 3/6" in out
-    # the report alone rebuilds the same table from the run folders
-    assert driver.main(["--profile", "tiny", "--stages", "report", "--runs", str(runs),
-                        "--results", str(results)]) == 0
+    assert len(csv[csv["source"] == "measured"]) == 6 and len(csv[csv["source"] == "paper"]) == 4
+    # the report alone rebuilds the same table from the run records
+    assert driver.report(runs, results, "tiny")
     assert (results / "table2.md").read_text() == table
 
 
-def test_solver_failure_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+def test_solver_failure_is_recorded(runs_dir, monkeypatch):
+    from nodebench.cli import main
+
     # dynamics that return NaN: dopri5's step size becomes NaN ("underflow in dt nan")
     monkeypatch.setattr(LatentDynamics, "forward",
                         lambda self, t, z: torch.full_like(z, float("nan")))
-    runs, results = tmp_path / "runs", tmp_path / "results"
-    code = driver.main(["--profile", "tiny", "--models", "latent_ode,rnn", "--n", "30",
-                        "--runs", str(runs), "--results", str(results)])
-    assert code == 0
-    failed = json.loads((runs / "latent_ode_n30_s0" / "summary.json").read_text())
+    run_dir = runs_dir / "failed"
+    assert main(["train", "experiment=chen2018_table2", "profile=tiny",
+                 f"hydra.run.dir={run_dir}"]) == 1
+    failed = json.loads((run_dir / "summary.json").read_text())
     assert failed["status"] == "failed" and "underflow in dt" in failed["error"]
-    assert failed["test_rmse"] is None and not (runs / "latent_ode_n30_s0" /
-                                                "predictions.pt").exists()
-    ok = json.loads((runs / "rnn_n30_s0" / "summary.json").read_text())
-    assert ok["status"] == "ok"
-    table = (results / "table2.md").read_text()
-    assert "(1 of 1 failed)" in table
+    assert failed["test_rmse"] is None and not (run_dir / "predictions.pt").exists()
+    results = runs_dir / "results"
+    assert driver.report(runs_dir, results, "tiny")
+    assert "(1 of 1 failed)" in (results / "table2.md").read_text()
     assert "underflow in dt" in (results / "README.md").read_text()
 
 
-@pytest.mark.parametrize("argv", [
-    ["--models", "lstm"], ["--stages", "train,plot"], ["--n", "0"], ["--n", "101"],
-    ["--n", "thirty"], ["--seeds", "-1"], ["--profile", "huge"], ["--threads", "0"],
-    ["--bogus"],
-])
-def test_bad_options_exit_2_with_one_line(tmp_path, capsys, argv):
-    code = driver.main([*argv, "--runs", str(tmp_path / "r"), "--results", str(tmp_path / "x")])
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error:" in err
-    assert not (tmp_path / "r").exists() and not (tmp_path / "x").exists()
-
-
 def test_report_without_runs_says_so(tmp_path, capsys):
-    code = driver.main(["--profile", "tiny", "--stages", "report", "--runs", str(tmp_path / "r"),
-                        "--results", str(tmp_path / "x")])
-    assert code == 1
-    assert "no run folders" in capsys.readouterr().err
+    assert not driver.report(tmp_path / "r", tmp_path / "x", "tiny")
+    assert "no latent run records" in capsys.readouterr().err
+
+
+def test_the_driver_has_no_loop_no_options_no_profiles():
+    assert not any(hasattr(driver, name) for name in ("main", "PROFILES", "train_one",
+                                                      "stage_train"))

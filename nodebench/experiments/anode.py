@@ -234,7 +234,7 @@ def stage_toys(profile: dict, runs: Path, jobs: int, seeds: list[int] | None = N
 
 def image_overrides(dataset: str, model: str, seed: int, profile: dict, experiment: str) -> list:
     """The Hydra overrides of one image run (composed with nodebench.config.compose)."""
-    return [f"model={model}", f"dataset={dataset}", f"seed={seed}", f"experiment={experiment}",
+    return [f"model={model}", f"dataset={dataset}", f"seed={seed}", f"group={experiment}",
             *IMAGE_COMMON, *IMAGE_SETUPS[dataset][model], *profile["images"]["overrides"]]
 
 

@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ..tables import mean_std
+
 # What the paper (or a replication, reference.md section 2) says, shown beside the measurements.
 TOY_CLAIMS = {
     ("g_1d", "node"): "cannot represent g (flow is order-preserving): maps -1 and 1 towards 0",
@@ -46,12 +48,8 @@ COLORS = {"node": "tab:red", "anode1": "tab:blue", "anode2": "tab:cyan", "anode5
 
 
 def _mean_std(values: list[float], fmt: str = "{:.3f}") -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+    """nodebench.tables.mean_std with a str.format field (``"{:.3f}"``) as the format."""
+    return mean_std(values, fmt[2:-1])
 
 
 def _read_history(path: Path) -> dict[str, np.ndarray]:

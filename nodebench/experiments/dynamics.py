@@ -31,13 +31,13 @@ import csv
 import json
 import math
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..tables import mean_std
 from . import folders, measured_step, split_list
 
 SAMPLINGS = ("regular", "irregular")
@@ -297,12 +297,7 @@ def load_runs(runs: Path):
 
 
 def _pm(values) -> str:
-    v = [x for x in values if not math.isnan(x)]
-    if not v:
-        return "n/a"
-    if len(v) == 1:
-        return f"{v[0]:.3g}"
-    return f"{statistics.fmean(v):.3g} ± {statistics.stdev(v):.2g}"
+    return mean_std(values, ".3g", std_fmt=".2g", empty="n/a")
 
 
 def _order(values, order: list[str]) -> list[str]:

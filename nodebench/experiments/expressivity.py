@@ -40,6 +40,7 @@ from ..expressivity import (
 )
 from ..instruments import NFECounter
 from ..solvers import Solver
+from ..tables import pm
 from . import folders, split_list
 
 # Weights N(0, sigma_w2 [/ fan-in]), biases N(0, sigma_b2): the seed's values.
@@ -228,7 +229,7 @@ def _scalings(frame) -> list[str]:
 
 
 def _pm(mean: float, std: float) -> str:
-    return f"{mean:.4g} ± {std:.2g}"
+    return pm(mean, std, ".4g", ".2g")
 
 
 def _summary(draws, keys: list[str]):

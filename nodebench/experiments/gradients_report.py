@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..report import mean_std as _mean_std
+from ..report import _fmt as _mean_std
 from .gradients import CLAIMS, MODES
 
 

@@ -131,7 +131,7 @@ def _job_args(profile: dict, name: str, seed: int, runs: Path, experiment: str,
                 "--results", str(results), "--stages", "memory",
                 *(["--threads", str(profile["threads"])] if profile["threads"] else [])]
     return ["-m", "nodebench.cli", "train", f"model={profile.get('model', name)}", f"seed={seed}",
-            f"experiment={experiment}", f"paths.runs={runs.parent}", *profile["common"],
+            f"group={experiment}", f"paths.runs={runs.parent}", *profile["common"],
             *profile["models"][name], *profile.get("set", []),
             f"hydra.run.dir={runs}/{name}_s{seed}"]
 

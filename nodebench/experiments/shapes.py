@@ -37,48 +37,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from . import folders, split_list
-
-SOLVERS = ("euler", "implicit_euler", "crank_nicolson")
-SOLVER_TITLES = {"euler": "Explicit Euler", "implicit_euler": "Implicit Euler",
-                 "crank_nicolson": "Crank-Nicolson (implicit midpoint)"}
-
-# (dataset, training images, step) of each study; sizes of the seed, shrunk by the profile.
-STUDIES = {
-    "single": {"dataset": "shapes", "train_size": 2700, "step": 0.05,
-               "title": "Single shapes (seed 004, section 3.1.1)"},
-    "compound": {"dataset": "shapes_compound", "train_size": 2700, "step": 0.05,
-                 "title": "Compound shapes (seed 004, section 3.2.1)"},
-    "small500": {"dataset": "shapes", "train_size": 500, "step": 0.01,
-                 "title": "500 training images, step 0.01 (seed 004, section 3.3)"},
-    "small1350": {"dataset": "shapes", "train_size": 1350, "step": 0.025,
-                  "title": "1350 training images, step 0.025 (seed 004, appendix 6.1)"},
-    "small500c": {"dataset": "shapes_compound", "train_size": 500, "step": 0.01,
-                  "title": "500 compound training images, step 0.01 (the other reading of "
-                           "seed 004, section 3.3)"},
-    "small1350c": {"dataset": "shapes_compound", "train_size": 1350, "step": 0.025,
-                   "title": "1350 compound training images, step 0.025 (the other reading of "
-                            "seed 004, appendix 6.1)"},
-}
-
-# Seed 004's tables: test accuracy (%) by epoch 1..5, and seconds per training epoch (Colab).
-SEED_ACCURACY = {
-    "single": {"euler": [43.483, 83.883, 96.617, 99.633, 99.633],
-               "implicit_euler": [66.150, 95.067, 100.000, 100.000, 100.000],
-               "crank_nicolson": [65.933, 90.717, 94.283, 94.067, 91.650]},
-    "compound": {"euler": [61.617, 97.550, 98.917, 99.950, 94.567],
-                 "implicit_euler": [60.217, 77.917, 96.033, 97.450, 99.417],
-                 "crank_nicolson": [62.333, 94.283, 98.117, 99.800, 97.500]},
-    "small500": {"euler": [33.533, 32.850, 32.883, 62.400, 63.717],
-                 "implicit_euler": [33.600, 33.600, 42.067, 34.933, 43.633],
-                 "crank_nicolson": [33.400, 43.717, 33.400, 70.533, 91.383]},
-    "small1350": {"euler": [33.700, 61.283, 66.033, 97.900, 93.367],
-                  "implicit_euler": [51.367, 58.667, 58.417, 96.083, 99.883],
-                  "crank_nicolson": [32.917, 32.917, 58.100, 49.700, 90.417]},
-}
-SEED_EPOCH_S = {"single": {"euler": 61, "implicit_euler": 71, "crank_nicolson": 74},
-                "compound": {"euler": 61, "implicit_euler": 66, "crank_nicolson": 66},
-                "small500": {"euler": 93, "implicit_euler": 81, "crank_nicolson": 81},
-                "small1350": {}, "small500c": {}, "small1350c": {}}
+from .shapes_report import (  # the study's specs live with its tables: one import direction
+    SOLVERS,
+    STUDIES,
+    run_name,
+)
 
 PROFILES: dict[str, dict] = {
     "cpu": {
@@ -119,11 +82,6 @@ BASE = ["model=shapes_odenet", "optim=adam", "trainer.epochs=5", "trainer.batch_
         "trainer.instruments.memory=false"]
 
 
-def run_name(study: str, solver: str, seed: int) -> str:
-    """Run folder name: ``<study>_<solver>`` for seed 0, ``<study>_<solver>_s<seed>`` else."""
-    return f"{study}_{solver}" + (f"_s{seed}" if seed else "")
-
-
 def job_overrides(profile: dict, study: str, solver: str, experiment: str,
                   seed: int = 0) -> list[str]:
     """The Hydra overrides of one run (later ones win). ``seed`` sets the initialisation and the
@@ -132,7 +90,7 @@ def job_overrides(profile: dict, study: str, solver: str, experiment: str,
     train = max(24, round(s["train_size"] * profile["scale_train"]))
     out = [*BASE, f"seed={seed}", f"dataset={s['dataset']}", f"dataset.train_size={train}",
            f"solver={solver}",
-           f"solver.step_size={s['step']}", f"experiment={experiment}", *profile["common"]]
+           f"solver.step_size={s['step']}", f"group={experiment}", *profile["common"]]
     if solver != "euler":
         out += profile["implicit"]
     return out
