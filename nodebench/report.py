@@ -376,8 +376,8 @@ def _loosest_valid_lines(df: pd.DataFrame, sweep: pd.DataFrame) -> list[str]:
                  f"(NFE {at.nfe_forward.iloc[0]:.1f})" if len(at) else "")
         found = (f"the loosest passing tolerance is {tol:g}{error}" if tol is not None else
                  "no tolerance of the sweep passes")
-        lines += [f"Solve validity of the trained ODE-Net (seed {int(r.seed)}) at each tolerance "
-                  f"(`nodebench check --tols`, first test images, threshold in README): {found}.",
+        lines += [(f"Solve validity of the trained ODE-Net (seed {int(r.seed)}) at each tolerance "
+                   f"(`nodebench check --tols`, first test images, threshold in README): {found}."),
                   "", to_markdown(_fmt_frame(view, {"tol": "g",
                                                     "validity_roundtrip_error": ".2e",
                                                     "validity_reference_error": ".2e"})), ""]

@@ -225,8 +225,8 @@ def report(runs: Path, results: Path, profile: str = "cpu", description: str = "
                  tt.to_markdown(index=False), ""]
     if tol is not None:
         text += ["## Gradient error against tolerance, at initialisation", "",
-                 "Relative error of the parameter gradient against a float64 dopri5 1e-9 "
-                 "direct-backprop reference on one fixed batch (NFE forward / backward).", "",
+                 ("Relative error of the parameter gradient against a float64 dopri5 1e-9 "
+                  "direct-backprop reference on one fixed batch (NFE forward / backward)."), "",
                  tolerance_table(tol)]
     figures = _figures(found, toys, runs, tol, results)
     text += ["Figures: " + ", ".join(f"`{f}`" for f in figures), ""]
