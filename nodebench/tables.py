@@ -55,19 +55,12 @@ def pm(mean: float, std: float, fmt: str = ".3g", std_fmt: str | None = None,
     return f"{mean:{fmt}}{unit} ± {std:{std_fmt or fmt}}"
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def collect_runs(root: Path | str) -> pd.DataFrame:
     """One row per run record (``summary.json``, searched recursively) under ``root``: the
     summary's fields, and every config key flattened (``config.dataset.n_obs``), plus ``run``
     (the folder, relative to ``root``). Raises FileNotFoundError when there is none."""
+    from .train import _flat  # the trainer's config flattening (its resume check uses it)
+
     root = Path(root)
     rows = []
     for path in sorted(root.rglob("summary.json")):
