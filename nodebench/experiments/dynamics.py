@@ -108,7 +108,7 @@ def fit_system(system, network: str, sampling: str, seed: int, profile: dict,
                run_dir: Path) -> dict:
     """Train one ODE-Net on one system; write summary.json, history.csv and trajectory.pt into
     ``run_dir``; return the summary. A numerical failure ends the run with ``status: failed``."""
-    from ..dynamics import NETWORK_TEXT, make_network, n_params
+    from ..dynamics import NETWORK_TEXT, make_network, n_params, trajectory_errors
     from ..errors import SolverFailure, classify_solver_error
     from ..instruments import NFECounter
     from ..solvers import Gradient, Solver, odesolve
@@ -173,7 +173,7 @@ def fit_system(system, network: str, sampling: str, seed: int, profile: dict,
                 try:
                     with torch.no_grad(), nfe.phase_("curve"):
                         now = odesolve(func, y[:1], t - t[0], eval_solver, Gradient("direct"))
-                    history[-1].update(_errors(system.y, now[:, 0, :].double(), train_end))
+                    history[-1].update(trajectory_errors(system.y, now[:, 0, :].double(), train_end))
                 except AssertionError as exc:  # a failed curve point is left blank
                     if classify_solver_error(exc) is None:
                         raise
@@ -204,7 +204,7 @@ def fit_system(system, network: str, sampling: str, seed: int, profile: dict,
             summary[key] = sum(h[key] for h in history) / len(history)
             summary[f"{key}_last"] = sum(h[key] for h in tail) / len(tail)
     if pred is not None:
-        summary.update(_errors(system.y, pred.double(), train_end))
+        summary.update(trajectory_errors(system.y, pred.double(), train_end))
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "history.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
@@ -221,21 +221,6 @@ def fit_system(system, network: str, sampling: str, seed: int, profile: dict,
 
 HISTORY_FIELDS = ["iteration", "loss", "nfe_forward", "nfe_backward", "seconds", "fit_mse",
                   "fit_rel", "extrap_mse", "extrap_rel"]
-
-
-def _errors(true: torch.Tensor, pred: torch.Tensor, train_end: int) -> dict:
-    """MSE and MSE / variance of the truth, in the training window and after it."""
-    out = {}
-    for name, sl in (("fit", slice(0, train_end)), ("extrap", slice(train_end, None))):
-        a, b = true[sl], pred[sl]
-        if len(a) == 0:
-            out.update({f"{name}_mse": None, f"{name}_var": None, f"{name}_rel": None})
-            continue
-        mse = float(((a - b) ** 2).mean())
-        var = float(a.var(0, unbiased=False).mean()) if len(a) > 1 else 0.0
-        out.update({f"{name}_mse": mse, f"{name}_var": var,
-                    f"{name}_rel": mse / var if var > 0 else None})
-    return out
 
 
 def stage_train(profile: dict, runs: Path, systems: list[str], networks: list[str],
