@@ -56,6 +56,7 @@ instruments of :mod:`nodebench.instruments`. A CNF has two dynamics modules (``t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -419,6 +420,9 @@ class CNF(Flow):
             y, r = solve_with_penalties(self.penalised[key], y0, t, self.solver, self.gradient,
                                         generator)
             y, r = y[-1], r[-1]
+            # for the training loop (nodebench.regularisers.take_penalties); consumed by
+            # _with_penalties when a loss function of this module adds them itself
+            self.pending_penalties = (self.penalties.weighted(r), self.penalties.as_dict(r))
         else:
             y, r = odesolve(dynamics, y0, t, self.solver, self.gradient)[-1], None
         return FlowOutput(y[:, :self.dim], y[:, self.dim], r)
@@ -652,6 +656,103 @@ def dataset(name: str) -> Callable[..., torch.Tensor]:
     return DATASETS[name]
 
 
+# ------------------------------------------------ config builders (conf/model, conf/dataset)
+
+
+def _penalties(penalties) -> Penalties | None:
+    if penalties is None or isinstance(penalties, Penalties):
+        return penalties
+    try:
+        return Penalties(**dict(penalties))
+    except TypeError as err:
+        raise ConfigError(f"model.penalties: {err}") from None
+
+
+def planar_cnf(solver: Solver, gradient: Gradient, dim: int = 2, units: int = 32,
+               hidden: int = 32, t1: float = 1.0, trace: str = "closed_form",
+               noise: str = "gaussian", penalties=None, orientation: str = "generative") -> CNF:
+    """The planar CNF of Chen et al. 2018 section 4 (``conf/model/cnf.yaml``): a :class:`CNF`
+    over [0, ``t1``] with a :class:`PlanarField` of ``units`` = M hidden units and a
+    hypernetwork of ``hidden`` units. ``penalties``: a dict of :class:`Penalties` fields (RNODE,
+    TayNODE). ``orientation`` is accepted for symmetry with :func:`planar_nf` and ignored: a CNF
+    is an ODE solve in both directions. Raises ConfigError for invalid values."""
+    if orientation not in ORIENTATIONS:
+        raise ConfigError(f"unknown orientation {orientation!r}; choose one of: "
+                          + ", ".join(ORIENTATIONS))
+    _check_units(units)
+    return CNF(PlanarField(dim, units, hidden), solver, gradient, t1=t1, trace=trace, noise=noise,
+               penalties=_penalties(penalties))
+
+
+def planar_nf(dim: int = 2, units: int = 32, orientation: str = "generative",
+              scale: float = 0.1) -> PlanarFlow:
+    """The planar normalizing flow of Rezende & Mohamed 2015 (``conf/model/planar_nf.yaml``):
+    :class:`PlanarFlow` with K = ``units`` layers, the baseline of Chen et al. 2018 Figures 4-5.
+    ``orientation`` comes from the dataset: ``generative`` for density matching,
+    ``normalizing`` for maximum likelihood."""
+    _check_units(units)
+    return PlanarFlow(dim, units, orientation, scale)
+
+
+def _check_units(units) -> None:
+    if not isinstance(units, int) or isinstance(units, bool) or units < 1:
+        raise ConfigError(f"model.units must be a positive integer, got {units!r}")
+
+
+@dataclasses.dataclass
+class DensityTarget:
+    """A 2-D target density ``p(x) ∝ exp(-U(x))`` for density matching (Chen et al. 2018
+    Figure 4): ``name`` (u1..u4), ``U`` (B, 2) -> (B,), ``log_z`` (:func:`log_partition` over
+    [-``limit``, ``limit``]^2), ``test_z`` (N, 2): fixed base draws on which the loss and the
+    KL are evaluated."""
+
+    name: str
+    U: Callable[[torch.Tensor], torch.Tensor]
+    log_z: float
+    limit: float
+    test_z: torch.Tensor
+
+
+def density_target(target: str = "u1", limit: float = 4.0, test_samples: int = 4096,
+                   seed: int = 0) -> DensityTarget:
+    """``conf/dataset/density.yaml``: the energy ``target`` of :data:`ENERGIES` with its log
+    partition function and ``test_samples`` base draws (generator seeded by ``seed``).
+    Raises ConfigError for an unknown target or a non-positive size."""
+    U = energy(target)
+    if not isinstance(test_samples, int) or test_samples < 1:
+        raise ConfigError(f"dataset.test_samples must be a positive integer, got {test_samples!r}")
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    return DensityTarget(target, U, log_partition(U, limit), float(limit),
+                         torch.randn(test_samples, 2, generator=gen))
+
+
+@dataclasses.dataclass
+class PointSamples:
+    """Samples of a 2-D data density for maximum likelihood (Chen et al. 2018 Figure 5):
+    ``x`` (N, 2) training points, ``test_x`` (M, 2) held-out points."""
+
+    name: str
+    x: torch.Tensor
+    test_x: torch.Tensor
+
+
+def point_samples(sampler: str = "circles", n_train: int = 8192, n_test: int = 2048,
+                  noise: float | None = None, seed: int = 0) -> PointSamples:
+    """``conf/dataset/two_circles.yaml``, ``two_moons.yaml``: ``n_train`` + ``n_test`` samples
+    of :data:`DATASETS` ``sampler`` (``noise``: the sampler's default when None), generator seeded
+    by ``seed``. Raises ConfigError for an unknown name or a non-positive size."""
+    draw = dataset(sampler)
+    for key, value in (("n_train", n_train), ("n_test", n_test)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"dataset.{key} must be a positive integer, got {value!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    extra = {} if noise is None else {"noise": float(noise)}
+    x = draw(n_train + n_test, generator=gen, **extra)
+    order = torch.randperm(n_train + n_test, generator=gen)  # the samplers order by component
+    x = x[order]
+    return PointSamples(sampler, x[:n_train], x[n_train:])
+
+
 # ---------------------------------------------------------------- validity (observed from outside)
 
 
@@ -728,6 +829,8 @@ def grid_points(limit: float = 4.0, points: int = 100, dtype: torch.dtype = torc
 def _with_penalties(flow: Flow, loss: torch.Tensor, out: FlowOutput
                     ) -> tuple[torch.Tensor, dict[str, float]]:
     metrics = {"loss": float(loss.detach())}
+    if hasattr(flow, "pending_penalties"):
+        flow.pending_penalties = None  # added here: not again by a training loop
     if out.penalties is None or flow.penalties is None:
         return loss, metrics
     metrics.update(flow.penalties.as_dict(out.penalties))
@@ -763,7 +866,8 @@ def mle_loss(flow: Flow, x: torch.Tensor, generator: torch.Generator | None = No
     return _with_penalties(flow, loss, out)
 
 
-__all__ = ["CNF", "DATASETS", "ENERGIES", "CNFDynamics", "ClosedFormTrace", "Flow", "FlowOutput",
+__all__ = ["CNF", "DATASETS", "DensityTarget", "PointSamples", "density_target", "planar_cnf",
+           "planar_nf", "point_samples", "ENERGIES", "CNFDynamics", "ClosedFormTrace", "Flow", "FlowOutput",
            "FreeFormField", "LinearField", "PlanarField", "PlanarFlow", "VectorField",
            "cnf_validity", "dataset", "density_matching_loss", "energy", "energy_u1", "energy_u2",
            "energy_u3", "energy_u4", "grid_points", "log_density", "log_normal", "log_partition",

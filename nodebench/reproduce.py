@@ -6,9 +6,9 @@ profile=P`` (``reproduce.launcher``: ``local`` runs the jobs in parallel process
 ``<paths.runs>/NAME-P/`` (a fixed folder: the same command again resumes unfinished runs and
 skips finished ones), and the report (:func:`nodebench.tables.write_report`, grouped by
 ``reproduce.report.by``, and the preset's own ``reproduce.report.builder(runs, results,
-profile)`` where it has one) is written from those run records into ``results/NAME`` (profile cpu),
-``results/NAME-P`` (paper, gpu) or ``<paths.runs>/NAME-tiny-results`` (tiny: never into the
-committed results). Further overrides go to every job (a key of the sweep given on the command
+profile)`` where it has one) is written from those run records into ``results/F`` (profile
+cpu), ``results/F-P`` (paper, gpu) or ``<paths.runs>/F-tiny-results`` (tiny: never into the
+committed results), where ``F`` is the preset's ``reproduce.folder`` or else ``NAME``. Further overrides go to every job (a key of the sweep given on the command
 line replaces the sweep's values). The profile defaults to ``cpu``.
 
 Exit status: that of the sweep (0 every run ok, 1 a run failed, 2 bad input); the report is
@@ -66,7 +66,9 @@ def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
                   *sweep, *rest]
     report = {"by": list(cfg.reproduce.report.by), "metrics": list(cfg.reproduce.report.metrics),
               "builder": cfg.reproduce.report.get("builder"), "profile": profile}
-    return train_args, sweep_dir, results_folder(name, profile, runs), report
+    # reproduce.folder: the results folder's name when it is not the preset's (e.g. cnf/density)
+    folder = cfg.reproduce.get("folder") or name
+    return train_args, sweep_dir, results_folder(folder, profile, runs), report
 
 
 def main(args: list[str]) -> int:

@@ -26,7 +26,12 @@ Classification     mnist, cifar10, svhn, synthetic, shapes     Chen et al. 2018 
 PointRegression    g_1d, annulus, annulus_wedge                Dupont et al. 2019 Sections 3-4
 TrajectoryFit      spiral_system, random_matrix, lotka_vol...  seed 001 (dynamical systems)
 LatentSequence     spirals                                     Chen et al. 2018 Table 2
+DensityMatching    density (targets u1-u4)                     Chen et al. 2018 Figure 4
+MaximumLikelihood  two_circles, two_moons                      Chen et al. 2018 Figure 5
 =================  ==========================================  ===============================
+
+A task may also define ``validity(model, threshold) -> dict`` (the end-of-epoch solve checks
+for models that have no ODE block, e.g. a CNF: :func:`nodebench.cnf.cnf_validity`).
 """
 
 from __future__ import annotations
@@ -388,3 +393,207 @@ class LatentSequence:
                     "noisy": s.noisy[test].cpu(), "obs_idx": o.idx.cpu(), "obs_x": o.x.cpu(),
                     **{key: value.detach().cpu() for key, value in p.items()}},
                    run_dir / "predictions.pt")
+
+
+class _FlowTask:
+    """What the two flow tasks share (Chen et al. 2018 section 4.1, :mod:`nodebench.cnf`): the
+    model is a :class:`~nodebench.cnf.Flow` (a planar CNF or the planar NF); evaluation in
+    chunks of ``batch_size`` points; the solve checks of a CNF at the end of every epoch
+    (:meth:`validity`); ``save_artifacts`` writes ``density.pt`` (the model's log-density on a
+    grid, samples of it) for the report's figures."""
+
+    train_columns = ()
+    unit = "samples"
+    grid_limit = 4.0
+    grid_points = 100
+    figure_samples = 2000
+    check_size = 256
+
+    def check_batch(self, size: int) -> None:  # a flow has no ODE block: see validity()
+        return None
+
+    check_loss = None
+
+    def count(self, batch: torch.Tensor, out: None) -> dict:
+        return {"seen": int(batch.shape[0])}
+
+    def train_stats(self, sums: dict) -> dict:
+        return {}
+
+    def check_points(self) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def validity(self, model: nn.Module, threshold: float) -> dict | None:
+        """``cnf_validity`` (reference error of the points and of the log-density, round trip)
+        of a CNF at :meth:`check_points`; None for a model without an ODE solve."""
+        from .cnf import CNF, cnf_validity
+
+        if not isinstance(model, CNF):
+            return None
+        was_training = model.training
+        model.eval()
+        try:
+            found = cnf_validity(model, self.check_points(), threshold)
+        finally:
+            model.train(was_training)
+        return {"validity_reference_error": max(found["reference_error"],
+                                                found["logp_reference_error"]),
+                "validity_roundtrip_error": found["round_trip_error"], "valid": found["valid"]}
+
+    def _grid_log_density(self, model: nn.Module, device: torch.device) -> torch.Tensor:
+        from .cnf import grid_points, log_density
+
+        grid = grid_points(self.grid_limit, self.grid_points).to(device)
+        with torch.no_grad():
+            return torch.cat([log_density(model, chunk) for chunk in grid.split(2500)])
+
+    def save_artifacts(self, model: nn.Module, run_dir: Path) -> None:
+        from .cnf import sample
+
+        device = next(model.parameters()).device
+        model.eval()
+        gen = torch.Generator(device).manual_seed(0)
+        with torch.no_grad():
+            logp = self._grid_log_density(model, device)
+            samples = sample(model, self.figure_samples, gen)
+        torch.save({"limit": self.grid_limit, "points": self.grid_points,
+                    "log_density": logp.reshape(self.grid_points, self.grid_points).cpu(),
+                    "samples": samples.cpu(), **self.artifact_extras()}, run_dir / "density.pt")
+
+    def artifact_extras(self) -> dict:
+        return {}
+
+
+class DensityMatching(_FlowTask):
+    """Density matching (Chen et al. 2018 section 4.1, Figure 4): fit a flow q to a target
+    ``p ∝ exp(-U)`` that can be evaluated but not sampled, by minimising the reverse KL's
+    Monte Carlo estimate ``mean_b [log q(x_b) + U(x_b)]``, ``x_b = to_target(z_b)``, ``z_b ~
+    N(0, I)`` (:func:`nodebench.cnf.density_matching_loss`; nats).
+
+    ``data``: a :class:`nodebench.cnf.DensityTarget`. A batch is ``batch_size`` fresh base
+    draws from the loop's generator; an epoch is ``batches`` iterations. Evaluation on the
+    target's fixed ``test_z``: ``test_loss`` (the loss, ``KL - log Z``) and ``test_kl`` (the
+    loss plus the target's log partition function over the box: KL(q || p) of the target
+    restricted to [-limit, limit]^2, nats, >= 0 up to Monte Carlo error; the target column).
+    """
+
+    name = "density_matching"
+    eval_columns = ("test_loss", "test_kl")
+    target = "test_kl"
+
+    def __init__(self, data, batches: int = 100) -> None:
+        if not isinstance(batches, int) or batches < 1:
+            from .errors import ConfigError
+            raise ConfigError(f"dataset.task.batches must be a positive integer, got {batches!r}")
+        self.data, self.batches = data, batches
+        self.grid_limit = data.limit
+
+    @property
+    def train_size(self) -> int:
+        return 0  # fresh draws every iteration
+
+    @property
+    def test_size(self) -> int:
+        return int(self.data.test_z.shape[0])
+
+    def to(self, device: torch.device) -> DensityMatching:
+        self.data.test_z = self.data.test_z.to(device)
+        return self
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return self.batches
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator:
+        device = self.data.test_z.device
+        for _ in range(self.batches):
+            yield torch.randn(batch_size, self.data.test_z.shape[1], generator=generator).to(device)
+
+    def _loss(self, model: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        from .cnf import log_normal
+
+        out = model.to_target(z)
+        return log_normal(z) + out.delta_logp + self.data.U(out.points)
+
+    def loss(self, model: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self._loss(model, z).mean(), None
+
+    def evaluate(self, model: nn.Module, batch_size: int) -> tuple[dict, int]:
+        total, batches = 0.0, 0
+        for chunk in self.data.test_z.split(batch_size):
+            total += float(self._loss(model, chunk).detach().sum())
+            batches += 1
+        loss = total / self.test_size
+        return {"test_loss": loss, "test_kl": loss + self.data.log_z}, batches
+
+    def check_points(self) -> torch.Tensor:
+        return self.data.test_z[:self.check_size]
+
+    def artifact_extras(self) -> dict:
+        from .cnf import grid_points
+
+        grid = grid_points(self.grid_limit, self.grid_points, torch.float64)
+        target = -self.data.U(grid) - self.data.log_z
+        return {"target": self.data.name,
+                "target_log_density": target.reshape(self.grid_points, self.grid_points).float()}
+
+
+class MaximumLikelihood(_FlowTask):
+    """Maximum likelihood (Chen et al. 2018 section 4.1, Figure 5): minimise ``-mean_b log
+    p(x_b)`` over samples of a 2-D data density (:func:`nodebench.cnf.mle_loss`; nats per
+    sample).
+
+    ``data``: a :class:`nodebench.cnf.PointSamples`. Batches are shuffled training points (the
+    last incomplete batch dropped). Evaluation: ``test_nll``, the mean negative log-likelihood
+    of the held-out points (the target column).
+    """
+
+    name = "maximum_likelihood"
+    eval_columns = ("test_nll",)
+    target = "test_nll"
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    @property
+    def train_size(self) -> int:
+        return int(self.data.x.shape[0])
+
+    @property
+    def test_size(self) -> int:
+        return int(self.data.test_x.shape[0])
+
+    def to(self, device: torch.device) -> MaximumLikelihood:
+        self.data.x, self.data.test_x = self.data.x.to(device), self.data.test_x.to(device)
+        return self
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return self.train_size // batch_size
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator:
+        order = torch.randperm(self.train_size, generator=generator).to(self.data.x.device)
+        for start in range(0, self.train_size - batch_size + 1, batch_size):
+            yield self.data.x[order[start:start + batch_size]]
+
+    def _nll(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from .cnf import log_normal
+
+        out = model.to_base(x)
+        return -(log_normal(out.points) - out.delta_logp)
+
+    def loss(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self._nll(model, x).mean(), None
+
+    def evaluate(self, model: nn.Module, batch_size: int) -> tuple[dict, int]:
+        total, batches = 0.0, 0
+        for chunk in self.data.test_x.split(batch_size):
+            total += float(self._nll(model, chunk).detach().sum())
+            batches += 1
+        return {"test_nll": total / self.test_size}, batches
+
+    def check_points(self) -> torch.Tensor:
+        """The points of the checks: the first held-out points, used as base points (the checks
+        solve base -> data side and back, as sampling does)."""
+        return self.data.test_x[:self.check_size]
+
+    def artifact_extras(self) -> dict:
+        return {"target": self.data.name, "data": self.data.test_x.cpu()}

@@ -666,8 +666,15 @@ def _validity_check(model: torch.nn.Module, task, inst) -> dict:
     """The end-of-epoch validity columns (``trainer.instruments.validity``): reference and
     round-trip errors of every ODE block on the fixed batch (:func:`nodebench.validity.
     model_validity`), ``valid`` and the time the check took; None when off or without blocks."""
-    if not inst.get("validity", True) or not ode_blocks(model) \
-            or task.check_batch(1) is None:
+    if not inst.get("validity", True):
+        return dict.fromkeys(VALIDITY_FIELDS)
+    if hasattr(task, "validity"):  # the task's own checks (a CNF: nodebench.cnf.cnf_validity)
+        watch = time.perf_counter()
+        found = task.validity(model, float(inst.get("validity_threshold", DEFAULT_THRESHOLD)))
+        if found is None:
+            return dict.fromkeys(VALIDITY_FIELDS)
+        return {**found, "validity_time_s": time.perf_counter() - watch}
+    if not ode_blocks(model) or task.check_batch(1) is None:
         return dict.fromkeys(VALIDITY_FIELDS)
     watch = time.perf_counter()
     x, _ = task.check_batch(int(inst.get("validity_batch", 64)))

@@ -50,7 +50,8 @@ def test_every_preset_trains_at_profile_tiny(name, runs_dir):
     assert summary["status"] == "ok" and summary["experiment"] == name
     from nodebench.tasks import Classification  # noqa: F401 - the task names below
     target = {"classification": "test_error", "regression": "test_loss",
-              "trajectory": "fit_mse", "latent": "test_rmse"}[summary["task"]]
+              "trajectory": "fit_mse", "latent": "test_rmse", "density_matching": "test_kl",
+              "maximum_likelihood": "test_nll"}[summary["task"]]
     assert summary[target] is not None and summary[f"best_{target}"] is not None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
