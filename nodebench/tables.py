@@ -124,3 +124,26 @@ def write_report(runs: Path, results: Path, title: str, by: list[str],
              table.to_markdown(index=False, disable_numparse=True), ""]
     (results / "table.md").write_text("\n".join(text))
     return table
+
+
+def quiet_verdict(results: Path | str) -> str | None:
+    """The last verdict line (``quiet-run: QUIET ...`` or ``... CONTENDED ...``) of a
+    ``quiet-run.log`` in ``results`` or its parent folder (written by ``shared/tools/quiet-run
+    --log`` around the make target that produced the results), or None."""
+    results = Path(results)
+    for folder in (results, results.parent):
+        log = folder / "quiet-run.log"
+        if log.exists():
+            lines = [ln for ln in log.read_text().splitlines() if ln.startswith("quiet-run:")
+                     and ("QUIET" in ln or "CONTENDED" in ln)]
+            if lines:
+                return lines[-1]
+    return None
+
+
+def max_load(frame: pd.DataFrame) -> float:
+    """The largest 1-min load average recorded at the start or end of the runs of ``frame``
+    (columns ``load_start``, ``load_end``: summary.json's [1, 5, 15]-min triples); NaN if none."""
+    values = [float(v[0]) for col in ("load_start", "load_end") if col in frame
+              for v in frame[col] if isinstance(v, (list, tuple)) and v]
+    return max(values, default=float("nan"))

@@ -219,8 +219,8 @@ class TrajectoryFit:
     Evaluation solves the learned field once from y0 over the whole time range (at most
     ``eval_max_num_steps`` steps) and reports the MSE against the truth in the training window
     (``fit_mse``) and after it (``extrap_mse``), and each divided by the variance of the truth in
-    the window (``fit_rel``, ``extrap_rel``; dimensionless). No ODE block of the validity checks:
-    they are skipped.
+    the window (``fit_rel``, ``extrap_rel``; dimensionless). No ODE block: :meth:`validity`
+    checks the learned field's solve from y0.
     """
 
     name = "trajectory"
@@ -298,6 +298,17 @@ class TrajectoryFit:
 
     check_loss = None
 
+    def validity(self, model: nn.Module, threshold: float) -> dict:
+        """The solve checks (:func:`nodebench.validity.solve_validity`) of the learned field's
+        solve from y0 over the training window (the solve the fit is judged on)."""
+        from .validity import solve_validity
+
+        d = self.data
+        t = (d.t - d.t[0])[: d.train_end]
+        found = solve_validity(model.func, d.y_train[:1], t, model.solver, threshold)
+        return {"validity_reference_error": found.reference_error,
+                "validity_roundtrip_error": found.roundtrip_error, "valid": found.valid}
+
     def save_artifacts(self, model: nn.Module, run_dir: Path) -> None:
         d = self.data
         with torch.no_grad():
@@ -318,7 +329,7 @@ class LatentSequence:
     observation per predicted point. Evaluation on the test spirals: ``test_rmse`` (predictive
     RMSE of the extrapolation window against the noisy points: Table 2's number),
     ``test_rmse_clean`` (against the noise-free curve) and ``recon_rmse`` (at the observed points).
-    The latent ODE calls ``odesolve`` itself (no ODE block): the validity checks are skipped.
+    The latent ODE calls ``odesolve`` itself (no ODE block): :meth:`validity` checks its solve.
     ``save_artifacts`` writes ``predictions.pt`` (``keep`` test spirals) for the report's figure.
     """
 
@@ -380,6 +391,25 @@ class LatentSequence:
         return None
 
     check_loss = None
+    check_size = 64
+
+    def validity(self, model: nn.Module, threshold: float) -> dict | None:
+        """The solve checks (:func:`nodebench.validity.solve_validity`) of the latent ODE's
+        solve over the whole grid (observation window and extrapolation) from the posterior
+        means of the first ``check_size`` test spirals; None for the RNNs (no solve)."""
+        from .latent import LatentODE
+        from .validity import solve_validity
+
+        if not isinstance(model, LatentODE):
+            return None
+        s, c = self.data.spirals, self.data.spirals.config
+        rows = torch.arange(c.n_train, min(c.n_train + self.check_size, c.n_spirals))
+        o = self.data.obs[rows.to(self.data.obs.x.device)]
+        with torch.no_grad():
+            z0, _ = model.encoder(o.x, o.t)
+        found = solve_validity(model.func, z0, s.t.to(z0.dtype), model.solver, threshold)
+        return {"validity_reference_error": found.reference_error,
+                "validity_roundtrip_error": found.roundtrip_error, "valid": found.valid}
 
     def save_artifacts(self, model: nn.Module, run_dir: Path) -> None:
         from .latent import predict

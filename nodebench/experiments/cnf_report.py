@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..tables import mean_std
+from ..tables import max_load, mean_std, quiet_verdict
 
 TITLES = {"cnf": "CNF", "planar_nf": "NF"}
 CLAIM_DENSITY = ("Chen et al. 2018 (Figure 4, values only in the figure): the CNF, trained "
@@ -58,19 +58,6 @@ def _collect(runs: Path, task: str):
     return frame.reset_index(drop=True)
 
 
-def _quiet_line(results: Path) -> str | None:
-    """The verdict line of ``quiet-run.log`` beside the results (written by shared/tools/
-    quiet-run around the make target), if there is one."""
-    for folder in (results, results.parent):
-        log = folder / "quiet-run.log"
-        if log.exists():
-            lines = [ln for ln in log.read_text().splitlines() if ln.startswith("quiet-run:")
-                     and ("QUIET" in ln or "CONTENDED" in ln)]
-            if lines:
-                return lines[-1]
-    return None
-
-
 def _budget(frame, profile: str, results: Path) -> str:
     parts = []
     for model, group in frame.groupby("model", sort=False):
@@ -80,13 +67,11 @@ def _budget(frame, profile: str, results: Path) -> str:
         parts.append(f"{TITLES.get(model, model)}: {int(g['iterations'])} iterations of "
                      f"{int(g['batch'])} points, {g['optimizer']} lr {g['lr']:g}{solve}")
     seeds = ", ".join(str(s) for s in sorted(frame["seed"].unique()))
-    loads = [max(x[0] for x in (r["load_start"], r["load_end"]) if x) for _, r in frame.iterrows()
-             if r["load_start"] is not None]
     text = (f"Budget (profile `{profile}`): {'; '.join(parts)}; seeds {seeds}; "
             f"{frame.iloc[0]['device']}, {int(frame.iloc[0]['threads'])} thread(s) per run; "
             f"{len(frame)} runs, wall time {frame['wall_time_s'].sum():.0f} s summed over runs; "
-            f"1-min load at the runs' start/end at most {max(loads, default=float('nan')):.2f}.")
-    quiet = _quiet_line(results)
+            f"1-min load at the runs' start/end at most {max_load(frame):.2f}.")
+    quiet = quiet_verdict(results)
     return text + (f" Machine: `{quiet}`" if quiet else "")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..latent import MODELS
-from ..tables import mean_std
+from ..tables import max_load, mean_std, quiet_verdict
 
 # Chen et al. 2018, Table 2: predictive RMSE on the test set, by number of observations.
 PAPER_RMSE = {"rnn": {30: 0.3937, 50: 0.3202, 100: 0.1813},
@@ -44,7 +44,10 @@ def _collect(runs: Path):
                      "status": s["status"], "error": s.get("error"),
                      **{k: s.get(k) for k in ("test_rmse", "test_rmse_clean", "recon_rmse",
                                               "nfe_forward", "nfe_backward", "nfe_eval",
-                                              "iterations", "params", "wall_time_s")},
+                                              "iterations", "params", "wall_time_s",
+                                              "validity_reference_error",
+                                              "validity_roundtrip_error", "valid",
+                                              "load_start", "load_end", "threads")},
                      "final_loss": s.get("train_loss"), "epochs": c["trainer"]["epochs"],
                      "run": str(path.parent.relative_to(runs))})
     if not rows:
@@ -100,7 +103,8 @@ def _details(frame) -> tuple[list[str], object]:
 
     head = ["model", "n", "seeds ok / run", "test RMSE (noisy)", "test RMSE (noise-free)",
             "reconstruction RMSE", "final train loss: -ELBO / NLL",
-            "NFE forward / backward per iteration (last epoch)", "NFE eval", "iterations",
+            "NFE forward / backward per iteration (last epoch)", "NFE eval",
+            "solve valid (runs; worst reference / round-trip error)", "iterations",
             "params", "wall s per run"]
     md = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     rows = []
@@ -121,13 +125,18 @@ def _details(frame) -> tuple[list[str], object]:
                 f"{_pm(ok['test_rmse'].tolist())} | {_pm(ok['test_rmse_clean'].tolist())} | "
                 f"{_pm(ok['recon_rmse'].tolist())} | {loss} | {nfe} | "
                 + (f"{mean['nfe_eval']:.0f}" if model == "latent_ode" and len(ok) else "-")
+                + f" | {_validity(ok) if model == 'latent_ode' else '-'}"
                 + f" | {int(r['iterations'].fillna(0).max())} | {int(r['params'].iloc[0])} | "
                 f"{r['wall_time_s'].mean():.0f} |"
                 + (f" failed: {'; '.join(errors)}" if errors else ""))
             rows.append({"model": model, "n": int(n), "seeds_ok": len(ok), "seeds_run": len(r),
                          **{k: mean.get(k) for k in ("test_rmse", "test_rmse_clean",
                                                      "recon_rmse", "final_loss", "nfe_forward",
-                                                     "nfe_backward", "nfe_eval")},
+                                                     "nfe_backward", "nfe_eval",
+                                                     "validity_reference_error",
+                                                     "validity_roundtrip_error")},
+                         "valid_runs": int(ok["valid"].fillna(False).astype(bool).sum())
+                         if "valid" in ok else None,
                          "iterations": int(r["iterations"].fillna(0).max()),
                          "params": int(r["params"].iloc[0]),
                          "wall_time_s": float(r["wall_time_s"].mean()),
@@ -135,7 +144,17 @@ def _details(frame) -> tuple[list[str], object]:
     return md, pd.DataFrame(rows)
 
 
-def _budget(frame, first: dict, profile_name: str) -> str:
+def _validity(ok) -> str:
+    """'k/n valid (worst reference / round-trip error)' of the runs' last solve checks (the
+    latent ODE's solve over the whole grid from the posterior means: tasks.LatentSequence)."""
+    if "valid" not in ok or ok["valid"].isna().all():
+        return "-"
+    good = int(ok["valid"].fillna(False).astype(bool).sum())
+    return (f"{good}/{len(ok)} ({ok['validity_reference_error'].max():.1e} / "
+            f"{ok['validity_roundtrip_error'].max():.1e})")
+
+
+def _budget(frame, first: dict, profile_name: str, results: Path) -> str:
     """The training budget, from the first run record's config (the same for every run)."""
     c = first["config"]
     d, t, solver = c["dataset"], c["trainer"], c["solver"]
@@ -151,7 +170,9 @@ def _budget(frame, first: dict, profile_name: str) -> str:
         f"likelihood std {d['task']['obs_std']:g}, {solver['method']} rtol {solver['rtol']:g} "
         f"atol {solver['atol']:g} (at most {solver['max_num_steps']} steps between output "
         f"times); seeds {', '.join(map(str, seeds))}; device {first['device']}; wall time "
-        f"{frame['wall_time_s'].sum():.0f} s in all.")
+        f"{frame['wall_time_s'].sum():.0f} s summed over the runs; 1-min load at the runs' "
+        f"start/end at most {max_load(frame):.2f}."
+        + (f" Machine: `{quiet}`" if (quiet := quiet_verdict(results)) else ""))
 
 
 def _figures(runs: Path, results: Path, frame) -> list[str]:
@@ -281,7 +302,7 @@ def report(runs: Path, results: Path, profile_name: str) -> bool:
         return False
     results.mkdir(parents=True, exist_ok=True)
     frame.to_csv(results / "runs.csv", index=False)
-    budget = _budget(frame, first, profile_name)
+    budget = _budget(frame, first, profile_name, results)
     t2_md, t2_rows = _table2(frame, "test_rmse")
     clean_md, clean_rows = _table2(frame, "test_rmse_clean")
     pd.DataFrame(t2_rows).to_csv(results / "table2.csv", index=False)
