@@ -8,7 +8,7 @@ SHARED_MNIST ?= ../shared/data/mnist
 
 .DEFAULT_GOAL := help
 .PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-shapes \
-        reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients reproduce-preset bench tensorboard lint clean \
+        reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients reproduce-regularisation reproduce-preset bench tensorboard lint clean \
         slurm-local test-slurm
 
 help: ## list every target
@@ -48,6 +48,10 @@ reproduce-dynamics: install ## learning dynamical systems with an ODE-Net (seed 
 
 reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 (nodebench reproduce chen2018_table2) -> results/chen2018_table2*
 	$(VENV)/bin/nodebench reproduce chen2018_table2 profile=$(PROFILE)
+
+# The CNF preset of the same study (issue 17, first half) is to be appended to this target's recipe.
+reproduce-regularisation: install data ## RNODE / TayNODE penalties on the Table-1 ODE-Net (MNIST): NFE and seconds (nodebench reproduce finlay2020_regularisation) -> results/finlay2020_regularisation*
+	$(VENV)/bin/nodebench reproduce finlay2020_regularisation profile=$(PROFILE)
 
 reproduce-preset: install ## any preset of conf/experiment: make reproduce-preset NAME=seed001_dynamics PROFILE=tiny (nodebench reproduce)
 	$(VENV)/bin/nodebench reproduce $(NAME) profile=$(PROFILE)

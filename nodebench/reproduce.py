@@ -9,7 +9,8 @@ skips finished ones), and the report (:func:`nodebench.tables.write_report`, gro
 profile)`` where it has one) is written from those run records into ``results/NAME`` (profile cpu),
 ``results/NAME-P`` (paper, gpu) or ``<paths.runs>/NAME-tiny-results`` (tiny: never into the
 committed results). Further overrides go to every job (a key of the sweep given on the command
-line replaces the sweep's values). The profile defaults to ``cpu``.
+line replaces the sweep's values; ``reproduce.overrides``, e.g. a profile's ``[dataset=synthetic]``,
+are given to every job before them). The profile defaults to ``cpu``.
 
 Exit status: that of the sweep (0 every run ok, 1 a run failed, 2 bad input); the report is
 written whenever a run record exists.
@@ -62,8 +63,12 @@ def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
     sweep = [f"{k}={_sweep_value(v)}" for k, v in cfg.reproduce.sweep.items() if k not in given]
     launcher = cfg.reproduce.get("launcher")
     launch = [f"hydra/launcher={launcher}"] if launcher and "hydra/launcher" not in given else []
+    # reproduce.overrides: group choices a profile makes (its defaults list cannot), before the
+    # command line's, which win
+    extra = [str(o) for o in cfg.reproduce.get("overrides") or []
+             if str(o).split("=", 1)[0].lstrip("+~") not in given]
     train_args = ["-m", *base, f"group={group}", f"hydra.sweep.dir={sweep_dir}", *launch,
-                  *sweep, *rest]
+                  *extra, *sweep, *rest]
     report = {"by": list(cfg.reproduce.report.by), "metrics": list(cfg.reproduce.report.metrics),
               "builder": cfg.reproduce.report.get("builder"), "profile": profile}
     return train_args, sweep_dir, results_folder(name, profile, runs), report
