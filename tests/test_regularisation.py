@@ -107,6 +107,19 @@ def test_taylor_and_frobenius_with_the_adjoint():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_gradient_check_reference_is_plain_and_leaves_nothing_pending():
+    from nodebench.validity import gradient_error, reference_model
+
+    model = build("model.penalties.kinetic=1e-5", "solver.rtol=0.1", "solver.atol=0.1")
+    ref = reference_model(model)
+    assert all(b.penalties is None for b in ref.modules() if isinstance(b, ODEBlock))
+    assert any(b.penalties is not None for b in model.modules() if isinstance(b, ODEBlock))
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    found = gradient_error(model, x, torch.tensor([0, 1]), tol=1e-4)
+    assert found["failure"] is None and found["cosine"] > 0.5   # rtol 0.1: a loose solve
+    assert take_penalties(model) == (None, {})
+
+
 def test_train_writes_penalties(runs_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -23,13 +23,13 @@ from ..tables import mean_std
 
 WEIGHTS = ("kinetic", "frobenius", "taylor")
 CLAIMS = [
-    "RNODE (Finlay et al. 2020, \"How to train your neural ODE\"): the kinetic-energy and "
+    ("RNODE (Finlay et al. 2020, \"How to train your neural ODE\"): the kinetic-energy and "
     "Jacobian-Frobenius penalties reduce NFE; on MNIST density estimation 0.97 bits/dim and about "
-    "2.8x faster training than FFJORD (secondary sources; docs/reference.md section 7).",
-    "TayNODE (Kelly et al. 2020, \"Learning differential equations that are easy to solve\"): "
+    "2.8x faster training than FFJORD (secondary sources; docs/reference.md section 7)."),
+    ("TayNODE (Kelly et al. 2020, \"Learning differential equations that are easy to solve\"): "
     "penalising the K-th total time derivative gives training NFE up, test NFE down "
     "(easy-neural-ode#5); \"NFE is misleading\" when each evaluation costs more "
-    "(RegNeuralDE.jl#22): compare by wall time too.",
+    "(RegNeuralDE.jl#22): compare by wall time too."),
 ]
 
 
@@ -151,10 +151,10 @@ def verdicts(records: list[dict]) -> list[str]:
             a, b = _mean(g, key), _mean(base, key)
             return a / b if a is not None and b else None
 
-        train_nfe = [ratio("nfe_forward"), ratio("nfe_backward")]
-        r_train = None if None in train_nfe else (
-            (_mean(group, "nfe_forward") + _mean(group, "nfe_backward"))
-            / max(_mean(base, "nfe_forward") + _mean(base, "nfe_backward"), 1e-12))
+        # training NFE per iteration: forward + backward (adjoint) evaluations
+        parts = [_mean(g, k) for g in (group, base) for k in ("nfe_forward", "nfe_backward")]
+        r_train = None if None in parts or not parts[2] + parts[3] else (
+            (parts[0] + parts[1]) / (parts[2] + parts[3]))
         r_test, r_iter = ratio("nfe_eval"), ratio("iter_s")
         r_eval, r_wall = ratio("eval_time_s"), ratio("wall_time_s")
         if r_train is None or r_iter is None:
@@ -262,20 +262,20 @@ def report(runs: Path, results: Path, profile: str) -> bool:
         w.writerows(records)
     budget = _budget(records, profile)
     md = ["# RNODE and TayNODE penalties on the Table-1 ODE-Net (MNIST)", "", budget, "",
-          "Mean ± sample std over the seeds (ok runs). NFE per training iteration (forward "
+          ("Mean ± sample std over the seeds (ok runs). NFE per training iteration (forward "
           "solve; the adjoint's backward solve) and per test batch; seconds per training "
           "iteration include the penalties' own cost (their vector-Jacobian products are not "
           "function evaluations). Penalties: batch means of the integrated values, last epoch. "
           "Validity: reference and round-trip errors of the plain solve of a fixed batch at the "
-          "end of training; valid = runs under the threshold.", "",
+          "end of training; valid = runs under the threshold."), "",
           *_markdown(rows), ""]
     (results / "regularisation.md").write_text("\n".join(md))
     figures = _figures(records, results)
     readme = ["# Regularisers (RNODE, TayNODE): do the NFE savings hold in time?", "",
-              "Made by `nodebench reproduce finlay2020_regularisation` (`make "
+              ("Made by `nodebench reproduce finlay2020_regularisation` (`make "
               "reproduce-regularisation`) from the run records alone; the table is "
               "`regularisation.md` (`regularisation.csv`; one row per run in "
-              "`regularisation_runs.csv`).", "", budget, "", "## The papers' claims", "",
+              "`regularisation_runs.csv`)."), "", budget, "", "## The papers' claims", "",
               *[f"- {c}" for c in CLAIMS], "", "## What these runs say", "",
               *[f"- {v}" for v in verdicts(records)], "", "## Table", "", *_markdown(rows), "",
               "## Figures", "", *[f"![{f}]({f})" for f in figures], ""]

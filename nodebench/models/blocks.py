@@ -147,6 +147,13 @@ class ODEBlock(nn.Module):
             return y[-1]
         return odesolve(self.func, x, t, self.solver, self.gradient)[-1]
 
+    def drop_penalties(self) -> None:
+        """Make this block the plain one (no penalties integrated, nothing pending): the
+        gradient-error reference (:func:`nodebench.validity.reference_model`) solves plainly."""
+        self.penalties = None
+        self.pending_penalties = None
+        self.__dict__["_regularised"] = None
+
     def extra_repr(self) -> str:
         text = f"solver={self.solver.describe()}, gradient={self.gradient.describe()}, " \
                f"t1={float(self.t[-1]):g}, augment_dim={self.augment_dim}"
