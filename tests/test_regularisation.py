@@ -188,3 +188,16 @@ def test_tiny_reproduction_writes_the_report(runs_dir):
     assert "Budget (profile `tiny`): 2 training iterations" in readme
     assert "RNODE (Finlay et al. 2020" in readme and "TayNODE (Kelly et al. 2020" in readme
     assert readme.count("seconds per training iteration") >= 2   # one verdict per setting
+
+
+def test_plan_gives_the_profiles_overrides_before_the_command_lines():
+    from nodebench.reproduce import plan
+
+    args, _, results, report = plan("finlay2020_regularisation", ["profile=tiny"])
+    assert "dataset=synthetic" in args and "penalties=none,rnode,taynode" in args
+    assert "hydra/launcher=local" in args and report["builder"].endswith("regularisation_report.report")
+    args, _, results, _ = plan("finlay2020_regularisation", ["profile=tiny", "dataset=mnist"])
+    assert "dataset=synthetic" not in args and args[-1] == "dataset=mnist"
+    args, _, results, _ = plan("finlay2020_regularisation", [])
+    assert "dataset=synthetic" not in args and "seed=0,1" in args
+    assert str(results) == "results/finlay2020_regularisation"
