@@ -157,7 +157,8 @@ def test_bad_penalties_exit_2(runs_dir, capsys, overrides, message):
     code = main(["train", *TINY, "model=odenet", *overrides])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith("nodebench: error:") and message in err[-1]
+    assert len(err) == 1 and err[0].startswith("nodebench: error:") and message in err[0]
+    assert not runs_dir.exists() or not any(runs_dir.rglob("*"))   # nothing written
 
 
 def test_penalty_settings_compose():
@@ -201,3 +202,48 @@ def test_plan_gives_the_profiles_overrides_before_the_command_lines():
     args, _, results, _ = plan("finlay2020_regularisation", [])
     assert "dataset=synthetic" not in args and "seed=0,1" in args
     assert str(results) == "results/finlay2020_regularisation"
+
+
+def test_verdicts_follow_the_numbers():
+    from nodebench.experiments.regularisation_report import setting_name, verdicts
+
+    def rec(setting, nfe, iter_s, test_nfe, eval_s, status="ok"):
+        return {"setting": setting, "status": status, "nfe_forward": nfe, "nfe_backward": nfe,
+                "iter_s": iter_s, "nfe_eval": test_nfe, "eval_time_s": eval_s,
+                "wall_time_s": iter_s * 10}
+
+    base = [rec("none", 30, 1.0, 20, 1.0), rec("none", 30, 1.0, 20, 1.0)]
+    fast = verdicts(base + [rec("A", 15, 0.8, 10, 0.5)])
+    slow = verdicts(base + [rec("B", 15, 2.0, 10, 1.2)])
+    assert "training NFE saving holds in time" in fast[0] and "holds in evaluation time" in fast[0]
+    assert "does not hold in time" in slow[0] and "does not show in evaluation time" in slow[0]
+    assert "0.50x" in fast[0] and "2.00x" in slow[0]
+    assert "No ok baseline" in verdicts([rec("none", 30, 1.0, 20, 1.0, "failed")])[0]
+    assert setting_name({"kinetic": 0.0, "frobenius": 0.0, "taylor": 0.0}) == "none"
+    assert setting_name({"kinetic": 1e-3}) == "penalty (kinetic 0.001)"
+
+
+def test_resumed_penalised_run_matches_the_uninterrupted_one(runs_dir, monkeypatch):
+    """Stopped right after epoch 1's checkpoint and run again: the same metrics.csv, penalty
+    columns included (the Frobenius noise comes from the checkpointed torch RNG)."""
+    import nodebench.train as T
+
+    args = ["train", *TINY, "trainer.epochs=2", "model=odenet", "model.penalties.kinetic=1e-5",
+            "model.penalties.frobenius=1e-5", "trainer.instruments.gradient_error=false"]
+    whole, cut = runs_dir / "whole", runs_dir / "cut"
+    assert main([*args, f"hydra.run.dir={whole}"]) == 0
+    save = T.save_checkpoint
+
+    def save_then_stop(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
+    assert main([*args, f"hydra.run.dir={cut}"]) == 130   # "nodebench: interrupted"
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    assert (cut / T.CHECKPOINT).exists() and not (cut / "summary.json").exists()
+    assert main([*args, f"hydra.run.dir={cut}"]) == 0
+    keep = ["epoch", "train_loss", "test_error", "nfe_forward", "penalty_kinetic",
+            "penalty_frobenius"]
+    pd.testing.assert_frame_equal(pd.read_csv(cut / "metrics.csv")[keep],
+                                  pd.read_csv(whole / "metrics.csv")[keep], check_exact=True)
