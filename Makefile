@@ -8,7 +8,7 @@ SHARED_MNIST ?= ../shared/data/mnist
 
 .DEFAULT_GOAL := help
 .PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-shapes \
-        reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients reproduce-cnf reproduce-preset bench tensorboard lint clean \
+        reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients reproduce-cnf reproduce-regularisation reproduce-preset bench tensorboard lint clean \
         slurm-local test-slurm
 
 help: ## list every target
@@ -52,6 +52,9 @@ reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al
 reproduce-cnf: install ## continuous vs planar normalizing flows, Chen et al. 2018 Figures 4-5 (nodebench reproduce chen2018_cnf_density, chen2018_cnf_mle) -> results/cnf/*
 	$(VENV)/bin/nodebench reproduce chen2018_cnf_density profile=$(PROFILE)
 	$(VENV)/bin/nodebench reproduce chen2018_cnf_mle profile=$(PROFILE)
+
+reproduce-regularisation: install data ## RNODE / TayNODE penalties on the Table-1 ODE-Net (MNIST): NFE and seconds (nodebench reproduce finlay2020_regularisation) -> results/finlay2020_regularisation*
+	$(VENV)/bin/nodebench reproduce finlay2020_regularisation profile=$(PROFILE)
 
 reproduce-preset: install ## any preset of conf/experiment: make reproduce-preset NAME=seed001_dynamics PROFILE=tiny (nodebench reproduce)
 	$(VENV)/bin/nodebench reproduce $(NAME) profile=$(PROFILE)

@@ -342,5 +342,31 @@ class RegularisedODEBlock(nn.Module):
         return y[-1], r[-1]
 
 
+def take_penalties(model: nn.Module) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Collect the penalties that the last training forward of ``model`` integrated.
+
+    The protocol with the training loop: a module that integrated penalties during a training
+    forward (e.g. :class:`nodebench.models.ODEBlock` with ``penalties``) stores
+    ``self.pending_penalties = (term, values)``, ``term`` the weighted scalar tensor to add to
+    the loss (:meth:`Penalties.weighted`), ``values`` the batch means by name
+    (:meth:`Penalties.as_dict`). This sums the terms of every module of ``model`` with a
+    non-None ``pending_penalties``, merges the values (summed per name) and resets each to None.
+
+    Returns ``(term, values)``; ``(None, {})`` when no module has pending penalties.
+    """
+    term: torch.Tensor | None = None
+    values: dict[str, float] = {}
+    for module in model.modules():
+        pending = getattr(module, "pending_penalties", None)
+        if pending is None:
+            continue
+        part, named = pending
+        term = part if term is None else term + part
+        for name, value in named.items():
+            values[name] = values.get(name, 0.0) + float(value)
+        module.pending_penalties = None
+    return term, values
+
+
 __all__ = ["NOISES", "PENALTIES", "Penalties", "Regularised", "RegularisedODEBlock", "draw_noise",
-           "solve_with_penalties", "total_derivative"]
+           "solve_with_penalties", "take_penalties", "total_derivative"]

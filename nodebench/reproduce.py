@@ -8,8 +8,10 @@ skips finished ones), and the report (:func:`nodebench.tables.write_report`, gro
 ``reproduce.report.by``, and the preset's own ``reproduce.report.builder(runs, results,
 profile)`` where it has one) is written from those run records into ``results/F`` (profile
 cpu), ``results/F-P`` (paper, gpu) or ``<paths.runs>/F-tiny-results`` (tiny: never into the
-committed results), where ``F`` is the preset's ``reproduce.folder`` or else ``NAME``. Further overrides go to every job (a key of the sweep given on the command
-line replaces the sweep's values). The profile defaults to ``cpu``.
+committed results), where ``F`` is the preset's ``reproduce.folder`` or else ``NAME``. Further
+overrides go to every job (a key of the sweep given on the command line replaces the sweep's
+values; ``reproduce.overrides``, e.g. a profile's ``[dataset=synthetic]``, are given to every
+job before them). The profile defaults to ``cpu``.
 
 Exit status: that of the sweep (0 every run ok, 1 a run failed, 2 bad input); the report is
 written whenever a run record exists.
@@ -62,8 +64,12 @@ def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
     sweep = [f"{k}={_sweep_value(v)}" for k, v in cfg.reproduce.sweep.items() if k not in given]
     launcher = cfg.reproduce.get("launcher")
     launch = [f"hydra/launcher={launcher}"] if launcher and "hydra/launcher" not in given else []
+    # reproduce.overrides: group choices a profile makes (its defaults list cannot), before the
+    # command line's, which win
+    extra = [str(o) for o in cfg.reproduce.get("overrides") or []
+             if str(o).split("=", 1)[0].lstrip("+~") not in given]
     train_args = ["-m", *base, f"group={group}", f"hydra.sweep.dir={sweep_dir}", *launch,
-                  *sweep, *rest]
+                  *extra, *sweep, *rest]
     report = {"by": list(cfg.reproduce.report.by), "metrics": list(cfg.reproduce.report.metrics),
               "builder": cfg.reproduce.report.get("builder"), "profile": profile}
     # reproduce.folder: the results folder's name when it is not the preset's (e.g. cnf/density)

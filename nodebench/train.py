@@ -5,6 +5,13 @@ TensorBoard events (``train/loss``, ``train/nfe_forward``, ``train/nfe_backward`
 ``eval/test_error``, ``memory/activation_mib``, ``time/iter_s``, ...), ``metrics.csv`` (one row per
 epoch), ``model.pt`` (final weights) and ``summary.json`` (written last, atomically).
 
+Penalties (RNODE, TayNODE; :mod:`nodebench.regularisers`): after the task's loss, the terms that
+the model's modules left in ``pending_penalties`` during the forward pass
+(:func:`nodebench.regularisers.take_penalties`) are added to the loss that is back-propagated;
+``train_loss`` stays the task's loss. Their batch means go to TensorBoard
+(``train/penalty_<name>``), to metrics.csv as ``penalty_<name>`` columns (epoch means; only in runs
+that have penalties) and to summary.json (the last epoch's).
+
 Runs survive interruption. At the end of every epoch ``checkpoint.pt`` is replaced atomically
 (model, optimiser, scheduler, every RNG state including the data-shuffling generator, the metric
 rows, the global step; tensors, plain types and the config as JSON, read back with
@@ -45,6 +52,7 @@ from .instruments import (
     steps_done,
 )
 from .models.blocks import count_parameters
+from .regularisers import take_penalties
 from .validity import DEFAULT_THRESHOLD, gradient_error, model_validity, ode_blocks
 
 log = logging.getLogger("nodebench")
@@ -346,6 +354,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             clock = Stopwatch(device)
             sums = {"loss": 0.0, "seen": 0, "nfe_f": 0, "nfe_b": 0, "mem": 0.0, "iter_s": 0.0}
             counts: dict[str, float] = {}  # the task's sums behind its training columns
+            pen_sums: dict[str, float] = {}  # penalty batch means, weighted by samples seen
             epoch_iters = dict.fromkeys(IMPLICIT_STATS.KEYS, 0)
             epoch_steps: dict[str, dict] = {"forward": {}, "backward": {}}
             IMPLICIT_STATS.take()
@@ -362,12 +371,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     if measure_mem:
                         with meter.measure(device):
                             loss, out = task.loss(model, batch)
+                            penalty, penalty_values = take_penalties(model)
                     else:
                         loss, out = task.loss(model, batch)
+                        penalty, penalty_values = take_penalties(model)
                 loss_value = loss.item()  # a sync point; needed to stop on a NaN at once
                 if not math.isfinite(loss_value):
                     raise SolverFailure(f"non-finite loss ({loss_value}) at epoch {epoch}, "
                                         f"iteration {i}")
+                if penalty is not None:  # RNODE / TayNODE terms; train_loss stays the task's
+                    bad = [k for k, v in penalty_values.items() if not math.isfinite(v)]
+                    if bad:
+                        raise SolverFailure(f"non-finite penalty {', '.join(bad)} at epoch "
+                                            f"{epoch}, iteration {i}")
+                    loss = loss + penalty
                 optimizer.zero_grad(set_to_none=True)
                 with nfe.phase_("backward"):
                     loss.backward()
@@ -391,6 +408,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 for key, value in counted.items():
                     counts[key] = counts.get(key, 0) + value
                 sums["seen"] += counted["seen"]
+                for name, value in penalty_values.items():
+                    pen_sums[name] = pen_sums.get(name, 0.0) + value * counted["seen"]
                 sums["nfe_f"] += nf
                 sums["nfe_b"] += nb
                 sums["iter_s"] += iter_s
@@ -400,6 +419,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 if step % t.log_every == 0:
                     writer.add_scalar("train/loss", loss_value, step)
                     writer.add_scalar("time/iter_s", iter_s, step)
+                    for name, value in penalty_values.items():
+                        writer.add_scalar(f"train/penalty_{name}", value, step)
                     if nfe.active and nfe.counting:
                         writer.add_scalar("train/nfe_forward", nf, step)
                         writer.add_scalar("train/nfe_backward", nb, step)
@@ -448,11 +469,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                      steps.take("eval") if steps is not None else None,
                                      n_batches, eval_batches))
             row.update(_validity_check(model, task, inst))  # outside any phase: not counted
+            row.update({f"penalty_{name}": value / max(sums["seen"], 1)
+                        for name, value in pen_sums.items()})
             rows.append(row)
-            _write_metrics(run_dir / "metrics.csv", rows, fields)
+            _write_metrics(run_dir / "metrics.csv", rows, fields + penalty_fields(rows))
             for key in ("train_loss", *task.train_columns, "nfe_forward", "nfe_backward"):
                 if row[key] is not None:
                     writer.add_scalar(f"epoch/{key}", row[key], epoch)
+            for key in penalty_fields([row]):
+                writer.add_scalar(f"epoch/{key}", row[key], epoch)
             for key in task.eval_columns:
                 if row[key] is not None:
                     writer.add_scalar(f"eval/{key}", row[key], epoch)
@@ -503,6 +528,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         nfe.remove()
     summary.update(_final_metrics(rows, task))
+    summary.update({key: rows[-1].get(key) for key in penalty_fields(rows)})
     if steps is not None:
         steps.remove()
     summary["validity_threshold"] = (float(inst.get("validity_threshold", DEFAULT_THRESHOLD))
@@ -543,6 +569,15 @@ def contended(summary: dict) -> bool:
     cores = summary.get("cores") or os.cpu_count() or 1
     loads = [summary.get("load_start"), summary.get("load_end")]
     return any(load is not None and load[0] > cores + 0.5 for load in loads)
+
+
+def penalty_fields(rows: list[dict]) -> list[str]:
+    """The ``penalty_<name>`` columns of ``rows``, in the order they first appear (none in a run
+    without penalties, whose metrics.csv keeps exactly the columns of :func:`metric_fields`)."""
+    found: list[str] = []
+    for row in rows:
+        found += [k for k in row if k.startswith("penalty_") and k not in found]
+    return found
 
 
 def _per_step(counts: dict[str, int], phase: str) -> float | None:

@@ -222,6 +222,7 @@ def reference_model(model: nn.Module, tol: float = GRADIENT_REFERENCE_TOL,
     for block in ode_blocks(ref):
         block.solver = solver
         block.gradient = DIRECT
+        block.drop_penalties()  # RNODE / TayNODE terms: the exact gradient of the plain loss
     return ref
 
 
@@ -245,6 +246,9 @@ def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     "cosine": <g, g_ref> / (||g|| ||g_ref||), "failure": None}`` (dimensionless); when a solve
     fails numerically both are None and ``failure`` gives the reason. For fixed-step methods the
     reference is still the exact flow's gradient, so the error includes the discretisation error.
+    With RNODE / TayNODE penalties (``ODEBlock(penalties=...)``) the run's gradient is taken
+    through its penalised training solve (the gradient of ``loss_fn`` only; the penalty terms are
+    discarded) and the reference solves plainly.
     Cost: one training step of the run plus one float64 direct-backprop step at 1e-9 (memory
     O(NFE) of that solve: keep the batch small).
     """
@@ -268,6 +272,8 @@ def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         return {"rel_error": None, "cosine": None, "failure": _numerical(exc)}
     finally:
         model.train(was_training)
+        for block in ode_blocks(model):  # a penalised block's terms are not the training loop's
+            block.pending_penalties = None
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..regularisers import Penalties, Regularised, solve_with_penalties
 from ..solvers import Gradient, Solver, check_compatible, odesolve
 
 
@@ -94,10 +95,22 @@ class ODEBlock(nn.Module):
         t1: end of the integration interval [0, t1].
         augment_dim: zero channels appended to the state before solving (ANODE, Dupont et al.
             2019); ``func`` must then act on ``C + augment_dim`` channels.
+        penalties: RNODE / TayNODE penalties (:class:`nodebench.regularisers.Penalties`). When
+            one weight is positive, a forward pass in training mode integrates them along the
+            solve (:func:`nodebench.regularisers.solve_with_penalties`, same solver and gradient
+            mode) and leaves ``self.pending_penalties = (term, values)``: ``term`` the weighted
+            scalar to add to the loss, ``values`` the batch means by name (collected and reset by
+            :func:`nodebench.regularisers.take_penalties`). In eval mode the block solves
+            plainly. None or all weights zero: the plain block, nothing stored.
+
+    NFE: the penalised solve calls ``func`` once per evaluation (through
+    :class:`~nodebench.regularisers.Regularised`, which is not a Dynamics), so the counters
+    count the solver's evaluations as without penalties. The wrapper is not a registered
+    submodule: parameters, ``state_dict`` keys and module lists are those of the plain block.
     """
 
     def __init__(self, func: Dynamics, solver: Solver, gradient: Gradient, t1: float = 1.0,
-                 augment_dim: int = 0) -> None:
+                 augment_dim: int = 0, penalties: Penalties | None = None) -> None:
         super().__init__()
         check_compatible(solver, gradient)
         self.func = func
@@ -105,6 +118,11 @@ class ODEBlock(nn.Module):
         self.gradient = gradient
         self.augment_dim = augment_dim
         self.register_buffer("t", torch.tensor([0.0, float(t1)]), persistent=False)
+        self.penalties = penalties if penalties is not None and penalties.active else None
+        self.pending_penalties: tuple[torch.Tensor, dict[str, float]] | None = None
+        # kept out of the module tree (a plain attribute), so that func is registered once
+        self.__dict__["_regularised"] = (Regularised(func, self.penalties)
+                                         if self.penalties is not None else None)
 
     def initial_state(self, x: torch.Tensor) -> torch.Tensor:
         """``y(0)`` for the input ``x`` (B, C, ...): ``x`` with ``augment_dim`` zero channels
@@ -116,11 +134,32 @@ class ODEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.initial_state(x)
-        return odesolve(self.func, x, self.t.to(x.dtype), self.solver, self.gradient)[-1]
+        t = self.t.to(x.dtype)
+        reg = self.__dict__.get("_regularised")
+        if reg is not None and self.training:
+            if reg.inner is not self.func:  # func replaced after construction
+                reg = Regularised(self.func, self.penalties)
+                self.__dict__["_regularised"] = reg
+            y, r = solve_with_penalties(reg, x, t, self.solver, self.gradient)
+            values = r[-1]
+            self.pending_penalties = (self.penalties.weighted(values),
+                                      self.penalties.as_dict(values))
+            return y[-1]
+        return odesolve(self.func, x, t, self.solver, self.gradient)[-1]
+
+    def drop_penalties(self) -> None:
+        """Make this block the plain one (no penalties integrated, nothing pending): the
+        gradient-error reference (:func:`nodebench.validity.reference_model`) solves plainly."""
+        self.penalties = None
+        self.pending_penalties = None
+        self.__dict__["_regularised"] = None
 
     def extra_repr(self) -> str:
-        return f"solver={self.solver.describe()}, gradient={self.gradient.describe()}, " \
+        text = f"solver={self.solver.describe()}, gradient={self.gradient.describe()}, " \
                f"t1={float(self.t[-1]):g}, augment_dim={self.augment_dim}"
+        if self.penalties is not None:
+            text += f", penalties=({self.__dict__['_regularised'].extra_repr()})"
+        return text
 
 
 def count_parameters(model: nn.Module) -> int:

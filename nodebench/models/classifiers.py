@@ -8,13 +8,32 @@ resnet 576,778 (res stem 601,482); odenet/rknet 208,266 (res stem 232,970).
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..errors import ConfigError
+from ..regularisers import Penalties
 from ..solvers import Gradient, Solver
 from .blocks import ConvODEFunc, ODEBlock, ResBlock, group_norm
 
 STEMS = ("conv", "res")
+
+
+def make_penalties(node: dict[str, Any] | Penalties | None) -> Penalties | None:
+    """``model.penalties`` as :class:`~nodebench.regularisers.Penalties` (None: none).
+
+    Raises ConfigError for an unknown key or a bad value (negative weight, order, noise)."""
+    if node is None or isinstance(node, Penalties):
+        return node
+    if not isinstance(node, dict):
+        raise ConfigError(f"model.penalties must be a mapping, got {node!r}")
+    known = {"kinetic", "frobenius", "taylor", "order", "noise"}
+    unknown = sorted(set(node) - known)
+    if unknown:
+        raise ConfigError(f"unknown model.penalties key(s) {', '.join(unknown)}; "
+                          f"choose from: {', '.join(sorted(known))}")
+    return Penalties(**node)
 
 
 def mlp(in_channels: int = 1, image_size: int = 28, num_classes: int = 10,
@@ -53,14 +72,20 @@ def resnet(in_channels: int = 1, image_size: int = 28, num_classes: int = 10, st
 
 def odenet(solver: Solver, gradient: Gradient, in_channels: int = 1, image_size: int = 28,
            num_classes: int = 10, stem: str = "conv", width: int = 64, t1: float = 1.0,
-           augment_dim: int = 0) -> nn.Module:
+           augment_dim: int = 0, penalties: dict[str, Any] | Penalties | None = None
+           ) -> nn.Module:
     """ODE-Net / RK-Net / ANODE: stem, one ODE block over [0, t1], head.
 
     ODE-Net and RK-Net differ only in ``gradient.mode`` (adjoint vs direct); ANODE appends
-    ``augment_dim`` zero channels to the state (Dupont et al. 2019).
+    ``augment_dim`` zero channels to the state (Dupont et al. 2019). ``penalties``
+    (``model.penalties``: kinetic, frobenius, taylor weights, order, noise; see
+    :class:`nodebench.regularisers.Penalties`): RNODE / TayNODE penalties integrated along the
+    training solves and added to the loss by the trainer; all weights zero (the default) is the
+    plain model.
     """
     if augment_dim < 0:
         raise ConfigError(f"model.augment_dim must be >= 0, got {augment_dim}")
     state = width + augment_dim
-    block = ODEBlock(ConvODEFunc(state), solver, gradient, t1=t1, augment_dim=augment_dim)
+    block = ODEBlock(ConvODEFunc(state), solver, gradient, t1=t1, augment_dim=augment_dim,
+                     penalties=make_penalties(penalties))
     return nn.Sequential(_stem(stem, in_channels, width), block, _head(state, num_classes))
