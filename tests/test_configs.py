@@ -28,6 +28,8 @@ PARTNER = {**{("model", m): "dataset=annulus" for m in ("node_toy", "anode_toy",
            **{("model", m): "dataset=ode_spiral" for m in ("ode_small", "ode_deep")},
            **{("dataset", d): "model=anode_toy" for d in ("g_1d", "annulus", "annulus_wedge")},
            ("dataset", "spirals"): "model=latent_ode",
+           **{("model", m): "dataset=density" for m in ("cnf", "planar_nf")},
+           **{("dataset", d): "model=cnf" for d in ("density", "two_circles", "two_moons")},
            **{("dataset", d): "model=ode_small" for d in options("dataset") if d.startswith("ode_")}}
 
 
