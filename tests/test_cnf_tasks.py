@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from nodebench.cli import main
-from nodebench.cnf import (CNF, DensityTarget, LinearField, density_matching_loss,
-                           density_target, log_normal, planar_cnf, point_samples)
+from nodebench.cnf import (
+    CNF,
+    DensityTarget,
+    LinearField,
+    density_matching_loss,
+    density_target,
+    log_normal,
+    planar_cnf,
+    point_samples,
+)
 from nodebench.regularisers import Penalties
 from nodebench.solvers import Gradient, Solver
 from nodebench.tasks import DensityMatching, MaximumLikelihood

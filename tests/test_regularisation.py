@@ -165,14 +165,14 @@ def test_penalty_settings_compose():
     for name, expect in (("none", 0.0), ("rnode", 2.17e-6), ("taynode", 0.0)):
         cfg = C.compose(["experiment=finlay2020_regularisation", f"penalties={name}"])
         assert cfg.model.penalties.kinetic == expect and cfg.model.name == "odenet"
-        assert cfg.dataset.name == "mnist" and cfg.dataset.train_size == 6000
+        assert cfg.dataset.name == "mnist" and cfg.dataset.train_size == 32000
 
 
 @pytest.mark.slow
 def test_tiny_reproduction_writes_the_report(runs_dir):
     assert main(["reproduce", "finlay2020_regularisation", "profile=tiny"]) == 0
     runs = runs_dir / "finlay2020_regularisation-tiny"
-    results = runs_dir / "finlay2020_regularisation-tiny-results"
+    results = runs_dir / "regularisation/mnist-tiny-results"
     summaries = [json.loads(p.read_text()) for p in runs.rglob("summary.json")]
     assert len(summaries) == 3 and all(s["status"] == "ok" for s in summaries)
     assert sum("penalty_kinetic" in s for s in summaries) == 1
@@ -191,6 +191,33 @@ def test_tiny_reproduction_writes_the_report(runs_dir):
     assert readme.count("seconds per training iteration") >= 2   # one verdict per setting
 
 
+def test_cnf_penalty_settings_compose():
+    for name, kinetic, taylor in (("none", 0.0, 0.0), ("rnode_cnf", 0.0025, 0.0),
+                                  ("taynode_cnf", 0.0, 0.0025)):
+        cfg = C.compose(["experiment=finlay2020_regularisation_cnf", f"penalties={name}"])
+        assert cfg.model.name == "cnf" and cfg.model.units == 64
+        assert cfg.model.penalties.kinetic == kinetic and cfg.model.penalties.taylor == taylor
+        assert cfg.dataset.name == "two_moons" and cfg.solver.rtol == 1e-5
+        C.validate(cfg)
+
+
+@pytest.mark.slow
+def test_tiny_cnf_reproduction_reports_the_nll(runs_dir):
+    assert main(["reproduce", "finlay2020_regularisation_cnf", "profile=tiny"]) == 0
+    runs = runs_dir / "finlay2020_regularisation_cnf-tiny"
+    results = runs_dir / "regularisation/cnf-tiny-results"
+    summaries = [json.loads(p.read_text()) for p in runs.rglob("summary.json")]
+    assert len(summaries) == 3 and all(s["status"] == "ok" for s in summaries)
+    assert sum(s.get("penalty_kinetic") is not None for s in summaries) == 1
+    table = pd.read_csv(results / "regularisation.csv")
+    assert list(table.setting) == ["none", "RNODE (kinetic 0.0025, frobenius 0.005)",
+                                   "TayNODE K=2 (0.0025)"]
+    assert {"test NLL (nats)", "s / train iter", "test NFE"} <= set(table.columns)
+    readme = (results / "README.md").read_text()
+    assert "planar CNF (two_moons" in readme and "training points (two_moons)" in readme
+    assert "nodebench reproduce finlay2020_regularisation_cnf" in readme
+
+
 def test_plan_gives_the_profiles_overrides_before_the_command_lines():
     from nodebench.reproduce import plan
 
@@ -201,7 +228,7 @@ def test_plan_gives_the_profiles_overrides_before_the_command_lines():
     assert "dataset=synthetic" not in args and args[-1] == "dataset=mnist"
     args, _, results, _ = plan("finlay2020_regularisation", [])
     assert "dataset=synthetic" not in args and "seed=0,1" in args
-    assert str(results) == "results/finlay2020_regularisation"
+    assert str(results) == "results/regularisation/mnist"
 
 
 def test_verdicts_follow_the_numbers():

@@ -12,6 +12,7 @@ The paper gives its losses only as figures: no paper number appears in a measure
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -243,12 +244,12 @@ def _write(results: Path, frame, rows, name: str, title: str, claim: str, verdic
     if figure:
         lines += [f"![{title}]({figure})", ""]
     lines += _failed(frame)
-    lines += ["", "Regenerate: `make reproduce-cnf` (finished runs are skipped, the report is "
+    lines += ["", ("Regenerate: `make reproduce-cnf` (finished runs are skipped, the report is "
               f"rewritten from the run records in `{runs}`). KL and NLL in nats; `s/iter`: mean "
               "seconds per training iteration; NFE f/b: mean function evaluations per training "
               "iteration, forward and backward (adjoint); `solve valid`: runs whose last "
               "end-of-epoch check (reference dopri5 1e-8 float64 solve and round trip on 256 "
-              "points) was below 1e-2, and the largest error.", ""]
+              "points) was below 1e-2, and the largest error."), ""]
     (results / "README.md").write_text("\n".join(lines))
 
 
@@ -286,7 +287,7 @@ def likelihood_report(runs: Path, results: Path, profile: str) -> bool:
     parts = []
     for name, group in frame.groupby("dataset", sort=True):
         nll = {m: group[group["model"] == m]["test_nll"].mean() for m in ("cnf", "planar_nf")}
-        if all(v == v for v in nll.values()):
+        if all(math.isfinite(v) for v in nll.values()):
             better = "CNF" if nll["cnf"] < nll["planar_nf"] else "NF"
             parts.append(f"{name}: test NLL CNF {nll['cnf']:.3f} vs NF {nll['planar_nf']:.3f} "
                          f"nats ({better} lower, by {abs(nll['cnf'] - nll['planar_nf']):.3f})")

@@ -1,10 +1,12 @@
-"""The report of ``nodebench reproduce finlay2020_regularisation`` (``make reproduce-regularisation``):
-RNODE (Finlay et al. 2020) and TayNODE (Kelly et al. 2020) penalties on the Table-1 ODE-Net on
-MNIST, compared with the plain model in NFE *and* in seconds (docs/reference.md section 7:
-"NFE is misleading" when each evaluation costs more).
+"""The report of ``nodebench reproduce finlay2020_regularisation`` and
+``finlay2020_regularisation_cnf`` (``make reproduce-regularisation``): RNODE (Finlay et al. 2020)
+and TayNODE (Kelly et al. 2020) penalties on the Table-1 ODE-Net on MNIST (score: test error) and
+on the planar CNF of Chen et al. 2018 trained by maximum likelihood (score: test NLL), compared
+with the plain model in NFE *and* in seconds (docs/reference.md section 7: "NFE is misleading"
+when each evaluation costs more).
 
-The runs are ordinary ``nodebench train`` runs (``model.penalties``; preset
-``conf/experiment/finlay2020_regularisation.yaml``, settings ``conf/penalties/``). :func:`report`
+The runs are ordinary ``nodebench train`` runs (``model.penalties``; presets
+``conf/experiment/finlay2020_regularisation*.yaml``, settings ``conf/penalties/``). :func:`report`
 reads only their run records (summary.json, metrics.csv) and writes, into the results folder:
 ``regularisation.md`` / ``regularisation.csv`` (one row per penalty setting, mean ± std over the
 seeds), ``regularisation_runs.csv`` (one row per run), ``error_vs_time.png``,
@@ -19,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from ..tables import mean_std
+from ..tables import mean_std, quiet_verdict
 
 WEIGHTS = ("kinetic", "frobenius", "taylor")
 CLAIMS = [
@@ -75,7 +77,8 @@ def collect(runs: Path) -> list[dict]:
         out.append({
             "setting": setting_name(model.get("penalties")), "seed": s.get("seed"),
             "status": s.get("status"), "error": s.get("error"),
-            "test_error": _num(s.get("test_error")),
+            "experiment": s.get("experiment"), "task": s.get("task"), "dataset": s.get("dataset"), "config_model": model.get("name"),
+            "test_error": _num(s.get("test_error")), "test_nll": _num(s.get("test_nll")),
             "nfe_forward": _num(s.get("nfe_forward")), "nfe_backward": _num(s.get("nfe_backward")),
             "nfe_eval": _num(s.get("nfe_eval")), "iter_s": _num(s.get("iter_s")),
             "eval_time_s": _num(last.get("eval_time_s")),
@@ -93,7 +96,22 @@ def collect(runs: Path) -> list[dict]:
     return out
 
 
-# (column title, record key, format)
+# The score each task is judged on: (record key, column title, axis label).
+SCORES = {"classification": ("test_error", "test error %", "test error (%)"),
+          "maximum_likelihood": ("test_nll", "test NLL (nats)", "test NLL (nats per point)")}
+
+
+def score_of(records: list[dict]) -> tuple[str, str, str]:
+    """(key, column title, axis label) of the records' score: test error for the classifiers,
+    test negative log-likelihood for the flows trained by maximum likelihood."""
+    tasks = {r.get("task") for r in records}
+    for task, score in SCORES.items():
+        if task in tasks:
+            return score
+    return SCORES["classification"]
+
+
+# (column title, record key, format); the first (the score) is replaced by score_of's
 COLUMNS = [("test error %", "test_error", ".2f"), ("NFE forward / iter", "nfe_forward", ".1f"),
            ("NFE backward / iter", "nfe_backward", ".1f"), ("test NFE", "nfe_eval", ".1f"),
            ("s / train iter", "iter_s", ".3g"), ("eval s", "eval_time_s", ".3g"),
@@ -105,12 +123,30 @@ COLUMNS = [("test error %", "test_error", ".2f"), ("NFE forward / iter", "nfe_fo
            ("round-trip error", "validity_roundtrip_error", ".2e")]
 
 
+def subject_of(records: list[dict]) -> str:
+    """What the penalties were put on, for titles: the Table-1 ODE-Net on MNIST or the CNF."""
+    models = {(r.get("config_model"), r.get("dataset")) for r in records}
+    names = sorted({m for m, _ in models if m})
+    data = sorted({d for _, d in models if d})
+    if names == ["odenet"]:
+        return f"the Table-1 ODE-Net ({', '.join(data)})"
+    if names == ["cnf"]:
+        return f"the planar CNF ({', '.join(data)}, maximum likelihood)"
+    return f"{', '.join(names) or 'the model'} ({', '.join(data)})"
+
+
 def _settings(records: list[dict]) -> list[str]:
     seen: list[str] = []
     for r in records:
         if r["setting"] not in seen:
             seen.append(r["setting"])
     return sorted(seen, key=lambda s: (s != "none", seen.index(s)))
+
+
+def columns(records: list[dict]) -> list[tuple[str, str, str]]:
+    """The table's columns for these records: the score of their task first (:func:`score_of`)."""
+    key, title, _ = score_of(records)
+    return [(title, key, ".2f" if key == "test_error" else ".3f"), *COLUMNS[1:]]
 
 
 def table(records: list[dict]) -> list[dict]:
@@ -121,7 +157,7 @@ def table(records: list[dict]) -> list[dict]:
         ok = [r for r in group if r["status"] == "ok"]
         row = {"setting": setting, "runs": f"{len(ok)} ok" + (
             f", {len(group) - len(ok)} failed" if len(group) > len(ok) else "")}
-        for title, key, fmt in COLUMNS:
+        for title, key, fmt in columns(records):
             row[title] = mean_std([r[key] for r in ok], fmt, single="{mean} (1 seed)")
         flags = [r["valid"] for r in ok if r["valid"] is not None]
         row["valid"] = f"{sum(flags)}/{len(flags)}" if flags else "-"
@@ -195,7 +231,7 @@ def _markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _budget(records: list[dict], profile: str) -> str:
+def _budget(records: list[dict], profile: str, results: Path | None = None) -> str:
     ok = [r for r in records if r["status"] == "ok"] or records
     first = ok[0]
     seeds = sorted({r["seed"] for r in records if r["seed"] is not None})
@@ -203,14 +239,18 @@ def _budget(records: list[dict], profile: str) -> str:
     loads = [f"{r['load_start'][0]:.2f}->{r['load_end'][0]:.2f}" for r in records
              if r.get("load_start") and r.get("load_end")]
     contended = sum(1 for r in records if r.get("contended"))
+    key, title, _ = score_of(records)
+    kind = "images" if key == "test_error" else "points"
+    quiet = quiet_verdict(results) if results is not None else None
     return (f"Budget (profile `{profile}`): {first['iterations']} training iterations per run on "
-            f"{first['train_size']} training images, test error on {first['test_size']} test "
-            f"images; seeds {', '.join(str(s) for s in seeds)}; {len(records)} runs on "
+            f"{first['train_size']} training {kind} ({first['dataset']}), {title.split(' (')[0]} "
+            f"on {first['test_size']} test {kind}; seeds {', '.join(str(s) for s in seeds)}; {len(records)} runs on "
             f"{first['device']}, {first['threads']} thread(s) each; wall time "
             f"{sum(walls):.1f} s summed over runs; 1-minute load start->end per run: "
             f"{', '.join(loads) or 'n/a'}"
             + (f" ({contended} run(s) contended: timings taken while something else computed)"
-               if contended else "") + ".")
+               if contended else "") + "."
+            + (f" Machine: `{quiet}`" if quiet else ""))
 
 
 def _figures(records: list[dict], results: Path) -> list[str]:
@@ -222,17 +262,18 @@ def _figures(records: list[dict], results: Path) -> list[str]:
     made = []
     settings = _settings(records)
     colours = {s: f"C{i}" for i, s in enumerate(settings)}
+    score, _, score_label = score_of(records)
     for name, key, label in (("error_vs_time.png", "wall_time_s", "wall time per run (s)"),
                              ("error_vs_test_nfe.png", "nfe_eval", "test NFE per batch")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for setting in settings:
-            pts = [(r[key], r["test_error"]) for r in records if r["setting"] == setting
-                   and r["status"] == "ok" and r[key] is not None and r["test_error"] is not None]
+            pts = [(r[key], r[score]) for r in records if r["setting"] == setting
+                   and r["status"] == "ok" and r[key] is not None and r[score] is not None]
             if pts:
                 ax.scatter(*zip(*pts), color=colours[setting], label=setting)
         ax.set_xlabel(label)
-        ax.set_ylabel("test error (%)")
-        ax.set_title(f"Test error vs {label.split(' per')[0]}, one point per run")
+        ax.set_ylabel(score_label)
+        ax.set_title(f"{score_label.split(' (')[0].capitalize()} vs {label.split(' per')[0]}, one point per run")
         if ax.has_data():
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -255,13 +296,15 @@ def report(runs: Path, results: Path, profile: str) -> bool:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    keys = ["setting", "seed", "status", "error", *(k for _, k, _ in COLUMNS), "valid", "run"]
+    keys = ["setting", "seed", "status", "error", *(k for _, k, _ in columns(records)), "valid",
+            "run"]
     with open(results / "regularisation_runs.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(records)
-    budget = _budget(records, profile)
-    md = ["# RNODE and TayNODE penalties on the Table-1 ODE-Net (MNIST)", "", budget, "",
+    budget = _budget(records, profile, results)
+    subject = subject_of(records)
+    md = [f"# RNODE and TayNODE penalties on {subject}", "", budget, "",
           ("Mean ± sample std over the seeds (ok runs). NFE per training iteration (forward "
           "solve; the adjoint's backward solve) and per test batch; seconds per training "
           "iteration include the penalties' own cost (their vector-Jacobian products are not "
@@ -271,8 +314,10 @@ def report(runs: Path, results: Path, profile: str) -> bool:
           *_markdown(rows), ""]
     (results / "regularisation.md").write_text("\n".join(md))
     figures = _figures(records, results)
-    readme = ["# Regularisers (RNODE, TayNODE): do the NFE savings hold in time?", "",
-              ("Made by `nodebench reproduce finlay2020_regularisation` (`make "
+    preset = next((str(r["experiment"]).rsplit("-", 1)[0] for r in records if r["experiment"]),
+                  "finlay2020_regularisation")
+    readme = [f"# Regularisers (RNODE, TayNODE) on {subject}: do the NFE savings hold in time?",
+              "", (f"Made by `nodebench reproduce {preset}` (`make "
               "reproduce-regularisation`) from the run records alone; the table is "
               "`regularisation.md` (`regularisation.csv`; one row per run in "
               "`regularisation_runs.csv`)."), "", budget, "", "## The papers' claims", "",
