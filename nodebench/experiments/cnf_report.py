@@ -230,6 +230,15 @@ def _failed(frame) -> list[str]:
             f"{r['error']}" for _, r in bad.iterrows()]
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it (no machine paths in
+    committed reports), else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _write(results: Path, frame, rows, name: str, title: str, claim: str, verdict: str,
            figure: str | None, budget: str, runs: Path) -> None:
     import pandas as pd
@@ -245,7 +254,7 @@ def _write(results: Path, frame, rows, name: str, title: str, claim: str, verdic
         lines += [f"![{title}]({figure})", ""]
     lines += _failed(frame)
     lines += ["", ("Regenerate: `make reproduce-cnf` (finished runs are skipped, the report is "
-              f"rewritten from the run records in `{runs}`). KL and NLL in nats; `s/iter`: mean "
+              f"rewritten from the run records in `{_shown(runs)}`). KL and NLL in nats; `s/iter`: mean "
               "seconds per training iteration; NFE f/b: mean function evaluations per training "
               "iteration, forward and backward (adjoint); `solve valid`: runs whose last "
               "end-of-epoch check (reference dopri5 1e-8 float64 solve and round trip on 256 "
@@ -265,7 +274,10 @@ def density_report(runs: Path, results: Path, profile: str) -> bool:
     pairs = [r for r in rows if r["lower"] != "-"]
     wins = sum(r["lower"] == "CNF" for r in pairs)
     verdict = (f"the CNF reaches the lower KL in {wins} of {len(pairs)} (target, size) pairs "
-               f"at this budget.")
+               f"at this budget. KL here is the loss E_q[log q + U] plus log Z of the target "
+               f"on the box [-4, 4]^2 (nodebench.cnf.log_partition); U2-U4 do not decay along "
+               f"z1, so a flow that spreads mass outside the box can score below 0: compare "
+               f"the two flows within a row (same constant), not the values with 0.")
     results.mkdir(parents=True, exist_ok=True)
     figure = _density_figure(runs, results, frame)
     _write(results, frame, rows, "density", "Density matching: CNF vs planar NF (Chen et al. "
