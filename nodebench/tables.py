@@ -147,3 +147,16 @@ def max_load(frame: pd.DataFrame) -> float:
     values = [float(v[0]) for col in ("load_start", "load_end") if col in frame
               for v in frame[col] if isinstance(v, (list, tuple)) and v]
     return max(values, default=float("nan"))
+
+
+def save_figure(fig, ax, path: Path | str, dpi: int = 120) -> str:
+    """Finish a one-axes report figure (a small legend when anything is drawn, tight layout),
+    save it as PNG at ``path`` and close it. Returns the file's name."""
+    import matplotlib.pyplot as plt
+
+    if ax.has_data():
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path).name

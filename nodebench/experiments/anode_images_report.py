@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..tables import max_load, mean_std, quiet_verdict
+from ..tables import max_load, mean_std, quiet_verdict, save_figure
 
 TITLES = {"node_conv": "NODE", "anode_conv": "ANODE"}
 PAPER = {"node_conv": "96.4 ± 0.5", "anode_conv": "98.2 ± 0.1"}
@@ -170,12 +170,7 @@ def _figures(curves: pd.DataFrame, results: Path) -> list[str]:
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"MNIST test accuracy against {label.split(' (')[0]}")
-        if ax.has_data():
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(results / name, dpi=120)
-        plt.close(fig)
-        made.append(name)
+        made.append(save_figure(fig, ax, results / name))
     return made
 
 

@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from ..tables import mean_std, quiet_verdict
+from ..tables import mean_std, quiet_verdict, save_figure
 
 WEIGHTS = ("kinetic", "frobenius", "taylor")
 CLAIMS = [
@@ -275,12 +275,7 @@ def _figures(records: list[dict], results: Path) -> list[str]:
         ax.set_xlabel(label)
         ax.set_ylabel(score_label)
         ax.set_title(f"{score_label.split(' (')[0].capitalize()} vs {label.split(' per')[0]}, one point per run")
-        if ax.has_data():
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(results / name, dpi=120)
-        plt.close(fig)
-        made.append(name)
+        made.append(save_figure(fig, ax, results / name))
     return made
 
 
