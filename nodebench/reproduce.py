@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import config as C
 from .errors import ConfigError
+from .tables import shown_path
 
 PROFILES = ("tiny", "cpu", "paper", "gpu")
 
@@ -98,7 +99,7 @@ def main(args: list[str]) -> int:
         return code or 1
     write_report(sweep_dir, results, title=f"{name} (profile {train_args[2].split('=')[1]})",
                  by=report["by"], metrics=report["metrics"],
-                 note=f"Runs: `{sweep_dir}`; made by `nodebench reproduce {name} "
+                 note=f"Runs: `{shown_path(sweep_dir)}`; made by `nodebench reproduce {name} "
                       f"{' '.join(rest)}`.".replace("  ", " ").replace(" `.", "`."))
     if report["builder"]:  # the preset's own tables and figures, from the same run records
         from hydra.utils import get_method

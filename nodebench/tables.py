@@ -160,3 +160,12 @@ def save_figure(fig, ax, path: Path | str, dpi: int = 120) -> str:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path).name
+
+
+def shown_path(path: Path | str) -> str:
+    """``path`` relative to the working directory when it lies under it (no machine-specific
+    paths in committed reports), else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..tables import max_load, mean_std, quiet_verdict
+from ..tables import max_load, mean_std, quiet_verdict, shown_path
 
 TITLES = {"cnf": "CNF", "planar_nf": "NF"}
 CLAIM_DENSITY = ("Chen et al. 2018 (Figure 4, values only in the figure): the CNF, trained "
@@ -230,15 +230,6 @@ def _failed(frame) -> list[str]:
             f"{r['error']}" for _, r in bad.iterrows()]
 
 
-def _shown(path: Path) -> str:
-    """``path`` relative to the working directory when it lies under it (no machine paths in
-    committed reports), else as it is."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def _write(results: Path, frame, rows, name: str, title: str, claim: str, verdict: str,
            figure: str | None, budget: str, runs: Path) -> None:
     import pandas as pd
@@ -254,7 +245,7 @@ def _write(results: Path, frame, rows, name: str, title: str, claim: str, verdic
         lines += [f"![{title}]({figure})", ""]
     lines += _failed(frame)
     lines += ["", ("Regenerate: `make reproduce-cnf` (finished runs are skipped, the report is "
-              f"rewritten from the run records in `{_shown(runs)}`). KL and NLL in nats; `s/iter`: mean "
+              f"rewritten from the run records in `{shown_path(runs)}`). KL and NLL in nats; `s/iter`: mean "
               "seconds per training iteration; NFE f/b: mean function evaluations per training "
               "iteration, forward and backward (adjoint); `solve valid`: runs whose last "
               "end-of-epoch check (reference dopri5 1e-8 float64 solve and round trip on 256 "
