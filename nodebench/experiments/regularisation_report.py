@@ -77,7 +77,8 @@ def collect(runs: Path) -> list[dict]:
         out.append({
             "setting": setting_name(model.get("penalties")), "seed": s.get("seed"),
             "status": s.get("status"), "error": s.get("error"),
-            "experiment": s.get("experiment"), "task": s.get("task"), "dataset": s.get("dataset"), "config_model": model.get("name"),
+            "experiment": s.get("experiment"), "task": s.get("task"),
+            "dataset": s.get("dataset"), "config_model": model.get("name"),
             "test_error": _num(s.get("test_error")), "test_nll": _num(s.get("test_nll")),
             "nfe_forward": _num(s.get("nfe_forward")), "nfe_backward": _num(s.get("nfe_backward")),
             "nfe_eval": _num(s.get("nfe_eval")), "iter_s": _num(s.get("iter_s")),
@@ -96,13 +97,17 @@ def collect(runs: Path) -> list[dict]:
     return out
 
 
-# The score each task is judged on: (record key, column title, axis label).
-SCORES = {"classification": ("test_error", "test error %", "test error (%)"),
-          "maximum_likelihood": ("test_nll", "test NLL (nats)", "test NLL (nats per point)")}
+# The score each task is judged on: (record key, column title, axis label, format).
+SCORES = {"classification": ("test_error", "test error %", "test error (%)", ".2f"),
+          "maximum_likelihood": ("test_nll", "test NLL (nats)", "test NLL (nats per point)",
+                                 ".3f")}
+# A ratio to the baseline within 2 % counts as no change (run-to-run noise of the adaptive step
+# counts and timings).
+NO_CHANGE = 0.98
 
 
-def score_of(records: list[dict]) -> tuple[str, str, str]:
-    """(key, column title, axis label) of the records' score: test error for the classifiers,
+def score_of(records: list[dict]) -> tuple[str, str, str, str]:
+    """(key, column title, axis label, format) of the records' score: test error for the classifiers,
     test negative log-likelihood for the flows trained by maximum likelihood."""
     tasks = {r.get("task") for r in records}
     for task, score in SCORES.items():
@@ -111,8 +116,8 @@ def score_of(records: list[dict]) -> tuple[str, str, str]:
     return SCORES["classification"]
 
 
-# (column title, record key, format); the first (the score) is replaced by score_of's
-COLUMNS = [("test error %", "test_error", ".2f"), ("NFE forward / iter", "nfe_forward", ".1f"),
+# (column title, record key, format), after the score of :func:`score_of`
+COLUMNS = [("NFE forward / iter", "nfe_forward", ".1f"),
            ("NFE backward / iter", "nfe_backward", ".1f"), ("test NFE", "nfe_eval", ".1f"),
            ("s / train iter", "iter_s", ".3g"), ("eval s", "eval_time_s", ".3g"),
            ("wall time s", "wall_time_s", ".4g"),
@@ -145,8 +150,8 @@ def _settings(records: list[dict]) -> list[str]:
 
 def columns(records: list[dict]) -> list[tuple[str, str, str]]:
     """The table's columns for these records: the score of their task first (:func:`score_of`)."""
-    key, title, _ = score_of(records)
-    return [(title, key, ".2f" if key == "test_error" else ".3f"), *COLUMNS[1:]]
+    key, title, _, fmt = score_of(records)
+    return [(title, key, fmt), *COLUMNS]
 
 
 def table(records: list[dict]) -> list[dict]:
@@ -203,10 +208,9 @@ def verdicts(records: list[dict]) -> list[str]:
         facts = (f"training NFE per iteration {x(r_train)}, seconds per training iteration "
                  f"{x(r_iter)}, test NFE {x(r_test)}, evaluation seconds {x(r_eval)}, wall time "
                  f"{x(r_wall)} of the baseline's")
-        # within 2 % counts as no change (run-to-run noise of the adaptive step counts)
-        if r_train < 0.98 and r_iter < 1:
+        if r_train < NO_CHANGE and r_iter < 1:
             train = "the training NFE saving holds in time"
-        elif r_train < 0.98:
+        elif r_train < NO_CHANGE:
             train = ("the training NFE saving does not hold in time (each iteration costs more "
                      "seconds: the penalty's own derivatives)")
         elif r_iter < 1:
@@ -215,9 +219,9 @@ def verdicts(records: list[dict]) -> list[str]:
             train = "neither fewer training NFE nor fewer seconds per training iteration"
         if r_test is None:
             test = "no test NFE to compare"
-        elif r_test < 0.98 and (r_eval is not None and r_eval < 0.98):
+        elif r_test < NO_CHANGE and (r_eval is not None and r_eval < NO_CHANGE):
             test = "the test NFE saving holds in evaluation time"
-        elif r_test < 0.98:
+        elif r_test < NO_CHANGE:
             test = "the test NFE saving does not show in evaluation time"
         else:
             test = "no test NFE saving"
@@ -240,7 +244,7 @@ def _budget(records: list[dict], profile: str, results: Path | None = None) -> s
     loads = [f"{r['load_start'][0]:.2f}->{r['load_end'][0]:.2f}" for r in records
              if r.get("load_start") and r.get("load_end")]
     contended = sum(1 for r in records if r.get("contended"))
-    key, title, _ = score_of(records)
+    key, title, _, _ = score_of(records)
     kind = "images" if key == "test_error" else "points"
     quiet = quiet_verdict(results) if results is not None else None
     return (f"Budget (profile `{profile}`): {first['iterations']} training iterations per run on "
@@ -263,7 +267,7 @@ def _figures(records: list[dict], results: Path) -> list[str]:
     made = []
     settings = _settings(records)
     colours = {s: f"C{i}" for i, s in enumerate(settings)}
-    score, _, score_label = score_of(records)
+    score, _, score_label, _ = score_of(records)
     for name, key, label in (("error_vs_time.png", "wall_time_s", "wall time per run (s)"),
                              ("error_vs_test_nfe.png", "nfe_eval", "test NFE per batch")):
         fig, ax = plt.subplots(figsize=(6, 4))
