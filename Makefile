@@ -40,8 +40,8 @@ reproduce-anode: install data ## Augmented Neural ODEs (Dupont et al. 2019) -> r
 reproduce-anode-images: install data ## NODE vs ANODE on MNIST at equal wall time (nodebench reproduce dupont2019_images) -> results/anode/images
 	$(VENV)/bin/nodebench reproduce dupont2019_images profile=$(PROFILE)
 
-reproduce-shapes: install ## explicit vs implicit Euler vs Crank-Nicolson on shapes (seed 004) -> results/shapes*
-	$(PY) -m nodebench.experiments.shapes --profile $(PROFILE)
+reproduce-shapes: install ## explicit vs implicit Euler vs Crank-Nicolson on shapes, seed 004 (nodebench reproduce seed004_shapes) -> results/shapes*
+	$(VENV)/bin/nodebench reproduce seed004_shapes profile=$(PROFILE)
 
 reproduce-expressivity: install ## trajectory length: FFN vs Neural ODE vs CT-RNN vs LTC (seed 000) -> results/expressivity*
 	$(PY) -m nodebench.experiments.expressivity --profile $(PROFILE)

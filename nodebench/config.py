@@ -358,7 +358,7 @@ def check_trainer(cfg: DictConfig) -> None:
 # Images in the full training and test sets of the datasets read from files (subsets can only be
 # smaller; a larger train_size/test_size is an error, not silently the whole set).
 FULL_SIZES = {"mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "kmnist": (60000, 10000),
-              "cifar10": (50000, 10000), "svhn": (73257, 26032)}
+              "cifar10": (50000, 10000), "cifar100": (50000, 10000), "svhn": (73257, 26032)}
 
 
 def check_dataset(cfg: DictConfig, check_files: bool = True) -> None:

@@ -43,9 +43,13 @@ SUPERSAMPLE = 4
 
 
 def _inside(kind: str, X: np.ndarray, Y: np.ndarray, cx: float, cy: float, R: float,
-            rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask of the points (X, Y) (pixel units) inside a random ``kind`` shape."""
+            rng: np.random.Generator, rotate: bool = True) -> np.ndarray:
+    """Boolean mask of the points (X, Y) (pixel units) inside a random ``kind`` shape; with
+    ``rotate=False`` rectangles are axis-aligned and triangles point up (the random numbers
+    drawn are the same either way)."""
     rot = rng.uniform(0.0, 2 * np.pi)
+    if not rotate:
+        rot = -np.pi / 2 if kind == "triangle" else 0.0
     dx, dy = X - cx, Y - cy
     if kind == "circle":
         return dx * dx + dy * dy <= R * R
@@ -71,11 +75,13 @@ def _place(rng: np.random.Generator, size: int, radii: list[float]) -> list[tupl
                for i, (a, ra) in enumerate(zip(centres, radii))
                for b, rb in zip(centres[i + 1:], radii[i + 1:])):
             return centres
-    raise RuntimeError("could not place the shapes apart")  # not reached for these radii
+    raise ConfigError(f"could not place {len(radii)} shapes of radii "
+                      f"{', '.join(f'{r:.1f}' for r in radii)} px apart in a {size}x{size} "
+                      "image: lower dataset.radius")
 
 
 def _render(kinds: list[tuple[str, ...]], size: int, r_range: tuple[float, float],
-            rng: np.random.Generator) -> np.ndarray:
+            rng: np.random.Generator, rotate: bool = True) -> np.ndarray:
     """uint8 (N, 1, size, size): image n shows the shapes ``kinds[n]``."""
     grid = (np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
     X, Y = np.meshgrid(grid, grid)
@@ -86,7 +92,7 @@ def _render(kinds: list[tuple[str, ...]], size: int, r_range: tuple[float, float
             # only the supersampled points in the bounding circle's box need testing
             box = (slice(max(0, int((cy - R - 1) * SUPERSAMPLE)), int((cy + R + 1) * SUPERSAMPLE)),
                    slice(max(0, int((cx - R - 1) * SUPERSAMPLE)), int((cx + R + 1) * SUPERSAMPLE)))
-            canvas[box] |= _inside(kind, X[box], Y[box], cx, cy, R, rng)
+            canvas[box] |= _inside(kind, X[box], Y[box], cx, cy, R, rng, rotate)
     hits = canvases.reshape(len(kinds), size, SUPERSAMPLE, size, SUPERSAMPLE).sum(axis=(2, 4),
                                                                                 dtype=np.int32)
     return np.rint(hits * (255.0 / SUPERSAMPLE ** 2)).astype(np.uint8)[:, None]
@@ -104,13 +110,15 @@ def _labels(rng: np.random.Generator, classes: int, n: int) -> np.ndarray:
     return np.random.default_rng(rng.integers(2 ** 62)).integers(0, classes, n)
 
 
-def _single_split(n: int, size: int, rng: np.random.Generator):
+def _single_split(n: int, size: int, rng: np.random.Generator, radius: tuple[float, float],
+                  rotate: bool):
     y = _labels(rng, len(SINGLE_CLASSES), n)
-    x = _render([(SINGLE_CLASSES[k],) for k in y], size, (0.2, 0.4), rng)
+    x = _render([(SINGLE_CLASSES[k],) for k in y], size, radius, rng, rotate)
     return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
 
-def _compound_split(n: int, size: int, rng: np.random.Generator):
+def _compound_split(n: int, size: int, rng: np.random.Generator, radius: tuple[float, float],
+                    rotate: bool):
     by_label = {0: ()}
     names = list(SHAPE_CODE)
     for i, a in enumerate(names):
@@ -118,7 +126,7 @@ def _compound_split(n: int, size: int, rng: np.random.Generator):
         for b in names[i + 1:]:
             by_label[SHAPE_CODE[a] + SHAPE_CODE[b] + 1] = (a, b)
     y = _labels(rng, len(COMPOUND_CLASSES), n)
-    x = _render([by_label[int(k)] for k in y], size, (0.14, 0.24), rng)
+    x = _render([by_label[int(k)] for k in y], size, radius, rng, rotate)
     return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
 
@@ -130,27 +138,48 @@ def _add_noise(x: torch.Tensor, noise: int, rng: np.random.Generator) -> torch.T
     return (x.to(torch.int16) + grain).clamp_(max=255).to(torch.uint8)
 
 
+def _radius(radius, largest: float) -> tuple[float, float]:
+    """``dataset.radius`` as (low, high) fractions of the image side, checked."""
+    try:
+        lo, hi = (float(r) for r in radius)
+    except (TypeError, ValueError):
+        raise ConfigError(f"dataset.radius must be two numbers [low, high], got {radius!r}") \
+            from None
+    if not 0.05 <= lo <= hi <= largest:
+        raise ConfigError(f"dataset.radius must satisfy 0.05 <= low <= high <= {largest:g} "
+                          f"(fractions of the image side), got [{lo:g}, {hi:g}]")
+    return lo, hi
+
+
 def _build(name: str, split, classes: int, train_size: int, test_size: int, image_size: int,
-           seed: int, noise: int) -> TensorDataset:
+           seed: int, noise: int, radius: tuple[float, float], rotate: bool) -> TensorDataset:
     _check(train_size, test_size, image_size)
     if noise < 0 or noise > 255:
         raise ConfigError(f"dataset.noise must be in [0, 255], got {noise}")
-    tx, ty = split(train_size, image_size, np.random.default_rng([seed, 0]))
-    vx, vy = split(test_size, image_size, np.random.default_rng([seed, 1]))
+    if not isinstance(rotate, bool):
+        raise ConfigError(f"dataset.rotate must be true or false, got {rotate!r}")
+    tx, ty = split(train_size, image_size, np.random.default_rng([seed, 0]), radius, rotate)
+    vx, vy = split(test_size, image_size, np.random.default_rng([seed, 1]), radius, rotate)
     tx = _add_noise(tx, noise, np.random.default_rng([seed, 0, 1]))
     vx = _add_noise(vx, noise, np.random.default_rng([seed, 1, 1]))
     return TensorDataset(name, tx, ty, vx, vy, num_classes=classes, augment=False)
 
 
 def shapes(train_size: int = 2700, test_size: int = 6000, image_size: int = 28, seed: int = 0,
-           noise: int = 8, **_: object) -> TensorDataset:
-    """Seed 004's single shapes: labels 0 triangle, 1 circle, 2 rectangle (uniform)."""
+           noise: int = 8, radius=(0.2, 0.4), rotate: bool = True, **_: object) -> TensorDataset:
+    """Seed 004's single shapes: labels 0 triangle, 1 circle, 2 rectangle (uniform); images
+    uint8 (N, 1, S, S). ``radius``: the bounding circle's radius range as fractions of the side
+    S (at most 0.45); ``rotate``: random rotation (else axis-aligned rectangles, upright
+    triangles). Raises ConfigError for invalid sizes, noise, radius or rotate."""
     return _build("shapes", _single_split, len(SINGLE_CLASSES), train_size, test_size,
-                  image_size, seed, noise)
+                  image_size, seed, noise, _radius(radius, 0.45), rotate)
 
 
 def shapes_compound(train_size: int = 2700, test_size: int = 6000, image_size: int = 28,
-                    seed: int = 0, noise: int = 8, **_: object) -> TensorDataset:
-    """Seed 004's compound shapes, 7 classes (uniform): see COMPOUND_CLASSES for the labels."""
+                    seed: int = 0, noise: int = 8, radius=(0.14, 0.24), rotate: bool = True,
+                    **_: object) -> TensorDataset:
+    """Seed 004's compound shapes, 7 classes (uniform): see COMPOUND_CLASSES for the labels.
+    ``radius`` (at most 0.25 of the side, so that two shapes fit apart) and ``rotate`` as in
+    :func:`shapes`."""
     return _build("shapes_compound", _compound_split, len(COMPOUND_CLASSES), train_size,
-                  test_size, image_size, seed, noise)
+                  test_size, image_size, seed, noise, _radius(radius, 0.25), rotate)

@@ -1,7 +1,8 @@
-"""CIFAR-10 and SVHN through torchvision, as :class:`nodebench.data.TensorDataset` (uint8 NCHW).
+"""CIFAR-10, CIFAR-100 and SVHN through torchvision, as :class:`nodebench.data.TensorDataset`
+(uint8 NCHW, 3 x 32 x 32).
 
-Used by the ANODE image table (Dupont et al. 2019, Section 5: CIFAR-10 and SVHN, 3 x 32 x 32,
-10 classes). Both need the dataset files in ``root`` or internet (``download: true``). With
+Used by the ANODE image table (Dupont et al. 2019, Section 5: CIFAR-10 and SVHN, 10 classes);
+CIFAR-100 (100 fine labels) for the image models at large. Each needs the dataset files in ``root`` or internet (``download: true``). With
 ``fake: true`` torchvision's ``FakeData`` of the same shapes stands in (random images and labels,
 nothing is read or downloaded): for tests and for machines without the files.
 """
@@ -19,20 +20,22 @@ from .errors import ConfigError
 SHAPE = (3, 32, 32)
 
 
-def _fake(name: str, train_size: int | None, test_size: int | None, seed: int) -> TensorDataset:
-    """FakeData images (random, deterministic given ``seed``) of shape 3 x 32 x 32."""
+def _fake(name: str, train_size: int | None, test_size: int | None, seed: int,
+          classes: int = 10) -> TensorDataset:
+    """FakeData images (random, deterministic given ``seed``) of shape 3 x 32 x 32, labels in
+    [0, classes)."""
     from torchvision.datasets import FakeData
     from torchvision.transforms import PILToTensor
 
     def make(n: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = FakeData(size=n, image_size=SHAPE, num_classes=10, transform=PILToTensor(),
+        ds = FakeData(size=n, image_size=SHAPE, num_classes=classes, transform=PILToTensor(),
                       random_offset=seed + offset)
         xs, ys = zip(*(ds[i] for i in range(n)))
         return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
 
     tx, ty = make(train_size or 256, 0)
     vx, vy = make(test_size or 128, 10_000_000)
-    return TensorDataset(name, tx, ty, vx, vy, num_classes=10)
+    return TensorDataset(name, tx, ty, vx, vy, num_classes=classes)
 
 
 def _load(factory, name: str, root: str, download: bool, splits: tuple[dict, dict]):
@@ -69,6 +72,26 @@ def cifar10(root: str = "data/cifar10", download: bool = False, fake: bool = Fal
     return TensorDataset("cifar10", tx, ty, vx, vy, num_classes=10, augment=augment)
 
 
+def cifar100(root: str = "data/cifar100", download: bool = False, fake: bool = False,
+             train_size: int | None = None, test_size: int | None = None, subset_seed: int = 0,
+             augment: bool = False, **_: object) -> TensorDataset:
+    """CIFAR-100, 50k/10k, the 100 fine labels (torchvision's python version in ``root``);
+    ``fake`` uses FakeData with 100 classes. Raises ConfigError when the files are missing."""
+    if fake:
+        return _fake("cifar100_fake", train_size, test_size, subset_seed, classes=100)
+    from torchvision.datasets import CIFAR100
+
+    if download:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    train, test = _load(CIFAR100, "cifar100", root, download,
+                        ({"train": True}, {"train": False}))
+    tx, ty = _to_tensors(train.data, train.targets, channels_last=True)
+    vx, vy = _to_tensors(test.data, test.targets, channels_last=True)
+    tx, ty = _subset(tx, ty, train_size, subset_seed)
+    vx, vy = _subset(vx, vy, test_size, subset_seed + 1)
+    return TensorDataset("cifar100", tx, ty, vx, vy, num_classes=100, augment=augment)
+
+
 def svhn(root: str = "data/svhn", download: bool = False, fake: bool = False,
          train_size: int | None = None, test_size: int | None = None, subset_seed: int = 0,
          augment: bool = False, **_: object) -> TensorDataset:
@@ -87,4 +110,4 @@ def svhn(root: str = "data/svhn", download: bool = False, fake: bool = False,
     return TensorDataset("svhn", tx, ty, vx, vy, num_classes=10, augment=augment)
 
 
-__all__ = ["cifar10", "svhn"]
+__all__ = ["cifar10", "cifar100", "svhn"]

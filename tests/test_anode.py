@@ -194,7 +194,24 @@ def test_fake_vision_datasets_train(tmp_path, dataset):
     assert s["params"] == 8 * 13 + 8 + 8 * 8 * 9 + 8 + 8 * 13 + 13 + 13 * 32 * 32 * 10 + 10
 
 
-@pytest.mark.parametrize("dataset", ["cifar10", "svhn"])
+def test_cifar100_fake_has_100_classes_and_trains(tmp_path):
+    cfg = C.compose(["dataset=cifar100_fake", "dataset.train_size=12", "dataset.test_size=6"])
+    data = C._call(cfg.dataset, "dataset")
+    assert data.num_classes == 100 and tuple(data.train_x.shape) == (12, 3, 32, 32)
+    assert data.train_x.dtype == torch.uint8 and int(data.train_y.max()) < 100
+    s = _train_few(tmp_path, ["model=anode_conv", "dataset=cifar100_fake", "dataset.train_size=16",
+                              "dataset.test_size=8", "model.filters=8", "model.augment_dim=10"])
+    assert s["status"] == "ok" and s["dataset"] == "cifar100_fake"
+    # the linear head maps 13 x 32 x 32 features to 100 logits
+    assert s["params"] == 8 * 13 + 8 + 8 * 8 * 9 + 8 + 8 * 13 + 13 + 13 * 32 * 32 * 100 + 100
+
+
+def test_cifar100_sizes_are_checked():
+    with pytest.raises(C.ConfigError, match="50000"):
+        C.check_dataset(C.compose(["dataset=cifar100", "dataset.train_size=60000"]), False)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn"])
 def test_real_vision_datasets_say_what_is_missing(tmp_path, dataset):
     cfg = C.compose([f"dataset={dataset}", f"paths.data={tmp_path}"])
     with pytest.raises(C.ConfigError, match="not found"):

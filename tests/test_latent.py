@@ -233,7 +233,7 @@ def test_tiny_reproduction_end_to_end(runs_dir, capsys):
     from nodebench.cli import main
 
     assert main(["reproduce", "chen2018_table2", "profile=tiny"]) == 0
-    runs, results = runs_dir / "chen2018_table2-tiny", runs_dir / "chen2018_table2-tiny-results"
+    runs, results = runs_dir / "chen2018_table2-tiny", runs_dir / "latent-tiny-results"
     summaries = {(s["model"], s["config"]["dataset"]["n_obs"]): s
                  for s in (json.loads(p.read_text()) for p in runs.rglob("summary.json"))}
     assert sorted(summaries) == sorted((m, n) for m in ("rnn", "rnn_dt", "latent_ode")
@@ -257,6 +257,7 @@ def test_tiny_reproduction_end_to_end(runs_dir, capsys):
     assert all("(1 seed)" in r for r in measured)
     assert "0.3937 | 0.1813" in paper[0] and "0.1642 | 0.1346" in paper[1]
     assert "Budget (profile `tiny`)" in table and "noise std 0.1" in table
+    assert "- Latent ODE at n = 30: test RMSE" in (results / "README.md").read_text()
     csv = pd.read_csv(results / "table2.csv")
     assert len(csv[csv["source"] == "measured"]) == 6 and len(csv[csv["source"] == "paper"]) == 4
     # the report alone rebuilds the same table from the run records
@@ -280,6 +281,21 @@ def test_solver_failure_is_recorded(runs_dir, monkeypatch):
     assert driver.report(runs_dir, results, "tiny")
     assert "(1 of 1 failed)" in (results / "table2.md").read_text()
     assert "underflow in dt" in (results / "README.md").read_text()
+
+
+def test_verdicts_against_the_targets():
+    frame = pd.DataFrame([
+        {"model": "latent_ode", "n": 30, "status": "ok", "test_rmse": 0.19},
+        {"model": "latent_ode", "n": 30, "status": "ok", "test_rmse": 0.20},
+        {"model": "latent_ode", "n": 100, "status": "ok", "test_rmse": 0.25},
+        {"model": "latent_ode", "n": 100, "status": "failed", "test_rmse": None},
+        {"model": "rnn", "n": 30, "status": "ok", "test_rmse": 0.40},
+        {"model": "rnn_dt", "n": 30, "status": "ok", "test_rmse": 0.25}])
+    out = driver.verdicts(frame)
+    assert out[0] == "Latent ODE at n = 30: test RMSE 0.1950 against at most 0.20: met."
+    assert out[1].startswith("Latent ODE at n = 100: test RMSE 0.2500") and "NOT met" in out[1]
+    assert out[2].startswith("RNN at n = 30: 2.05x") and out[2].endswith(" met.")
+    assert out[3].startswith("RNN + time gaps at n = 30: 1.28x") and "NOT met" in out[3]
 
 
 def test_report_without_runs_says_so(tmp_path, capsys):

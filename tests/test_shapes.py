@@ -13,7 +13,7 @@ import torch
 from nodebench import implicit  # noqa: F401 - registers the implicit solvers
 from nodebench.config import _call, build_model, compose
 from nodebench.errors import ConfigError
-from nodebench.experiments import shapes as study
+from nodebench.experiments import shapes_report as report
 from nodebench.models.blocks import count_parameters
 from nodebench.shapes import COMPOUND_CLASSES, SHAPE_CODE, _render, shapes, shapes_compound
 
@@ -62,6 +62,41 @@ def test_rasteriser_areas():
     assert (tri <= 3 * math.sqrt(3) / 4 * R * R * 1.02).all() and (tri > 0.25 * R * R).all()
 
 
+def test_rotate_false_draws_axis_aligned_rectangles():
+    """Without rotation the fully covered pixels of a rectangle fill their bounding box (a solid
+    axis-aligned rectangle); with rotation they do not. The random stream is the same."""
+    def solid_fraction(rotate):
+        img = _render([("rectangle",)] * 8, 64, (0.3, 0.3), np.random.default_rng(3), rotate)
+        out = []
+        for im in img[:, 0]:
+            ys, xs = np.nonzero(im == 255)
+            out.append(len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+        return np.array(out)
+    assert (solid_fraction(False) == 1.0).all()
+    assert (solid_fraction(True) < 0.95).sum() >= 4
+    a = shapes(train_size=30, test_size=10, rotate=False)
+    b = shapes(train_size=30, test_size=10)
+    assert torch.equal(a.train_y, b.train_y)                    # same labels, other pixels
+    assert not torch.equal(a.train_x, b.train_x)
+
+
+def test_radius_sets_the_shape_size():
+    small = shapes(train_size=60, test_size=10, noise=0, radius=[0.1, 0.1])
+    large = shapes(train_size=60, test_size=10, noise=0, radius=[0.3, 0.3])
+    ratio = large.train_x.float().sum() / small.train_x.float().sum()
+    assert 7.0 < ratio < 11.0                                       # area ~ R^2: 9x
+
+
+@pytest.mark.parametrize("kwargs", [{"radius": [0.3, 0.2]}, {"radius": [0.01, 0.2]},
+                                    {"radius": [0.2, 0.5]}, {"radius": "big"},
+                                    {"rotate": "yes"}])
+def test_bad_radius_or_rotate_is_a_config_error(kwargs):
+    with pytest.raises(ConfigError):
+        shapes(train_size=5, test_size=5, **kwargs)
+    with pytest.raises(ConfigError, match="0.25"):
+        shapes_compound(train_size=5, test_size=5, radius=[0.2, 0.3])
+
+
 def test_bad_sizes_are_config_errors():
     with pytest.raises(ConfigError):
         shapes(train_size=0)
@@ -98,35 +133,75 @@ def test_small_width_head_sees_its_input():
     assert (logits - logits[0]).abs().max() > 1e-3
 
 
-def test_driver_tiny_end_to_end(tmp_path):
-    runs, results = tmp_path / "runs", tmp_path / "results"
-    code = study.main(["--profile", "tiny", "--studies", "single", "--jobs", "1",
-                       "--runs", str(runs), "--results", str(results)])
-    assert code == 0
-    for solver in study.SOLVERS:
-        run_dir = runs / f"single_{solver}"
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["status"] == "ok" and summary["solver"] == solver
-        assert summary["config"]["solver"]["step_size"] == 0.05
-        stats = json.loads((run_dir / "implicit_stats.json").read_text())
+def test_preset_studies_compose_with_the_seeds_settings():
+    """Each study of conf/study/ sets the seed's dataset, training images and step; the sweep's
+    solver choice keeps the study's step."""
+    expected = {"single": ("shapes", 2700, 0.05), "compound": ("shapes_compound", 2700, 0.05),
+                "small500": ("shapes", 500, 0.01), "small1350": ("shapes", 1350, 0.025),
+                "small500c": ("shapes_compound", 500, 0.01),
+                "small1350c": ("shapes_compound", 1350, 0.025)}
+    assert set(report.STUDIES) == set(expected)
+    for study, (dataset, train, step) in expected.items():
+        for solver in report.SOLVERS:
+            cfg = compose(["experiment=seed004_shapes", f"study={study}", f"solver={solver}"])
+            assert (cfg.study.name, cfg.dataset.name, cfg.dataset.train_size) == (study, dataset,
+                                                                                  train)
+            assert cfg.solver.method == solver and cfg.solver.step_size == step
+            assert cfg.model.name == "shapes_odenet" and cfg.model.width == 64
+            assert cfg.trainer.epochs == 5 and cfg.trainer.batch_size == 120
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_end_to_end(runs_dir):
+    """``nodebench reproduce seed004_shapes profile=tiny``: 3 solvers x 2 seeds through the
+    trainer, exact step and fixed-point counts, and the report read from the run records."""
+    from nodebench.cli import main
+
+    assert main(["reproduce", "seed004_shapes", "profile=tiny"]) == 0
+    runs = runs_dir / "seed004_shapes-tiny"
+    results = runs_dir / "shapes-tiny-results"
+    summaries = {(s["config"]["solver"]["method"], s["seed"]): (p.parent, s) for p in
+                 runs.rglob("summary.json") for s in [json.loads(p.read_text())]}
+    assert sorted(summaries) == sorted((m, seed) for m in report.SOLVERS for seed in (0, 1))
+    for (solver, seed), (run_dir, summary) in summaries.items():
+        assert run_dir.name.endswith(f"_single_{solver}_s{seed}")
+        assert summary["status"] == "ok" and summary["config"]["solver"]["step_size"] == 0.05
+        stats = summary["implicit_iterations"]
         rows = list(csv.DictReader((run_dir / "metrics.csv").read_text().splitlines()))
         nfe_forward = float(rows[0]["nfe_forward"])
         if solver == "euler":
-            assert stats["forward_iters"] == 0 and nfe_forward == 20.0  # 1 / 0.05 steps
-            assert rows[0]["implicit_iters_forward"] == "" and summary["implicit_iterations"] is None
+            assert stats is None and nfe_forward == 20.0  # 1 / 0.05 steps
+            assert rows[0]["implicit_iters_forward"] == ""
         else:  # 2 training batches + 2 eval batches of 20 steps each
             assert stats["forward_steps"] == 4 * 20 and stats["backward_steps"] == 2 * 20
             assert nfe_forward * 2 + float(rows[0]["nfe_eval"]) * 2 == stats["forward_iters"]
             # the trainer's per-epoch means: training forward solves only (no evaluation)
             assert float(rows[0]["implicit_iters_forward"]) == nfe_forward / 20
             assert float(rows[0]["implicit_iters_backward"]) == stats["backward_iters"] / 40
-            assert summary["implicit_iterations"] == {k: stats[k] for k in summary[
-                "implicit_iterations"]}
-    for solver in study.SOLVERS:  # the tiny profile's second seed: its own folder and seed
-        s1 = json.loads((runs / f"single_{solver}_s1" / "summary.json").read_text())
-        assert s1["status"] == "ok" and s1["config"]["seed"] == 1
+        assert summary["validity_reference_error"] is not None
     table = (results / "single.md").read_text()
     assert "43.483%" in table and "Implicit Euler (ours)" in table and "tiny" in table
     assert "| runs | 2 ok |" in table and "% ± " in table and "seeds 0, 1" in table
+    assert "| solves valid |" in table
     assert (results / "accuracy_by_epoch.png").stat().st_size > 0
-    assert (results / "README.md").exists() and (results / "shapes.csv").exists()
+    readme = (results / "README.md").read_text()
+    assert "single, Explicit Euler:" in readme and "compound, Explicit Euler: not run." in readme
+    rows = list(csv.DictReader((results / "shapes.csv").read_text().splitlines()))
+    assert len(rows) == 6 and {r["solver"] for r in rows} == set(report.SOLVERS)
+
+
+def test_verdicts_against_the_targets():
+    def run(acc, status="ok"):
+        return {"summary": {"status": status},
+                "rows": [{"test_error": 50.0}, {"test_error": 100.0 - acc}], "stats": {}}
+    loaded = {"single": {"euler": [run(98.0), run(97.0)], "implicit_euler": [run(96.0)],
+                         "crank_nicolson": [run(99.0), run(100.0, "failed")]},
+              "compound": {"euler": [run(90.0), run(79.0)]}}
+    out = report.verdicts(loaded)
+    assert out[0].startswith("single, Explicit Euler: 97.50 %") and out[0].endswith(" met.")
+    assert out[1].endswith("NOT met.")
+    # a failed run (even one that had reached 100 % before failing) fails the target
+    assert "99.00 %" in out[2] and "1 of 2 runs failed" in out[2] and out[2].endswith("NOT met.")
+    assert "84.50 %" in out[3] and "lowest 79.00 %" in out[3] and out[3].endswith("NOT met.")
+    loaded["compound"]["euler"] = [run(99.0, "failed")]
+    assert report.verdicts(loaded)[3] == "compound, Explicit Euler: all 1 runs failed: NOT met."

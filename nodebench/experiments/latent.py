@@ -97,6 +97,33 @@ def _table2(frame, column: str) -> tuple[list[str], list[dict]]:
     return md, out
 
 
+# issue 18's targets: the latent ODE's test RMSE at most this at every n, and both RNNs at least
+# this many times worse than the latent ODE at n = 30
+TARGET_RMSE, TARGET_RATIO, RATIO_N = 0.20, 1.5, 30
+
+
+def verdicts(frame) -> list[str]:
+    """One sentence per target (``TARGET_RMSE``, ``TARGET_RATIO``), computed from the mean test
+    RMSE of the ok runs of each model and n."""
+    ok = frame[frame["status"] == "ok"]
+    mean = ok.groupby(["model", "n"])["test_rmse"].mean()
+    out = []
+    for n in sorted(int(v) for v in frame["n"].unique()):
+        if ("latent_ode", n) in mean:
+            v = float(mean[("latent_ode", n)])
+            out.append(f"Latent ODE at n = {n}: test RMSE {v:.4f} against at most "
+                       f"{TARGET_RMSE:.2f}: " + ("met." if v <= TARGET_RMSE else "NOT met."))
+    if ("latent_ode", RATIO_N) in mean:
+        base = float(mean[("latent_ode", RATIO_N)])
+        for model in ("rnn", "rnn_dt"):
+            if (model, RATIO_N) in mean:
+                ratio = float(mean[(model, RATIO_N)]) / base
+                out.append(f"{TITLES[model]} at n = {RATIO_N}: {ratio:.2f}x the latent ODE's "
+                           f"RMSE against at least {TARGET_RATIO:g}x: "
+                           + ("met." if ratio >= TARGET_RATIO else "NOT met."))
+    return out
+
+
 def _details(frame) -> tuple[list[str], object]:
     """Per (model, n): all the measured quantities, means over the successful seeds."""
     import pandas as pd
@@ -329,6 +356,10 @@ def report(runs: Path, results: Path, profile_name: str) -> bool:
          "`metrics.csv`, re-aggregated by the report."),
         "",
         budget,
+        "",
+        "Targets (issue 18), from the mean test RMSE over the ok seeds:",
+        "",
+        *[f"- {v}" for v in verdicts(frame)],
         "",
         heading,
         "",
