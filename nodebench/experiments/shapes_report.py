@@ -17,7 +17,9 @@ import json
 import statistics
 from pathlib import Path
 
-from ..tables import mean_std, quiet_verdict, shown_path
+import pandas as pd
+
+from ..tables import max_load, mean_std, quiet_verdict, shown_path
 
 SOLVERS = ("euler", "implicit_euler", "crank_nicolson")
 SOLVER_TITLES = {"euler": "Explicit Euler", "implicit_euler": "Implicit Euler",
@@ -182,8 +184,8 @@ def _budget(every: list[dict], profile: str) -> str:
                    if c["solver"]["method"] != "euler" and c["solver"].get("options")})
     s0 = every[0]["summary"]
     wall = sum(float(r["summary"].get("wall_time_s") or 0.0) for r in every)
-    loads = [r["summary"].get(k) for r in every for k in ("load_start", "load_end")]
-    frame_loads = [float(v[0]) for v in loads if isinstance(v, list) and v]
+    loads = pd.DataFrame([{k: r["summary"].get(k) for k in ("load_start", "load_end")}
+                          for r in every])
     opt = cfg["optim"]
     return (f"Profile `{profile}`: ODE width {cfg['model']['width']}, "
             f"{cfg['dataset']['shape']['size']}x{cfg['dataset']['shape']['size']} images "
@@ -195,7 +197,7 @@ def _budget(every: list[dict], profile: str) -> str:
             f"{', '.join(map(str, seeds))} (initialisation and batch order; the same images for "
             f"every seed); {s0.get('device')}, {s0.get('threads')} thread(s) per run; "
             f"{len(every)} runs, sum of run wall times {wall / 60:.1f} min; largest 1-min load "
-            f"at a run's start or end {max(frame_loads, default=float('nan')):.2f}.")
+            f"at a run's start or end {max_load(loads):.2f}.")
 
 
 def _generator_note(every: list[dict]) -> str:
