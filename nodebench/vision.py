@@ -2,7 +2,8 @@
 (uint8 NCHW, 3 x 32 x 32).
 
 Used by the ANODE image table (Dupont et al. 2019, Section 5: CIFAR-10 and SVHN, 10 classes);
-CIFAR-100 (100 fine labels) for the image models at large. Each needs the dataset files in ``root`` or internet (``download: true``). With
+CIFAR-100 (100 fine labels) for the image models at large. Each needs the dataset files in
+``root`` or internet (``download: true``). With
 ``fake: true`` torchvision's ``FakeData`` of the same shapes stands in (random images and labels,
 nothing is read or downloaded): for tests and for machines without the files.
 """
@@ -54,22 +55,32 @@ def _to_tensors(images: np.ndarray, labels, channels_last: bool):
     return x.to(torch.uint8), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
 
 
-def cifar10(root: str = "data/cifar10", download: bool = False, fake: bool = False,
-            train_size: int | None = None, test_size: int | None = None, subset_seed: int = 0,
-            augment: bool = False, **_: object) -> TensorDataset:
-    """CIFAR-10, 50k/10k (torchvision's python version in ``root``); ``fake`` uses FakeData."""
+def _cifar(name: str, classes: int, root: str, download: bool, fake: bool,
+           train_size: int | None, test_size: int | None, subset_seed: int,
+           augment: bool) -> TensorDataset:
+    """CIFAR-10 or CIFAR-100 (torchvision's python version in ``root``; ``name`` is the dataset
+    and torchvision class, ``classes`` its label count); ``fake`` uses FakeData instead."""
     if fake:
-        return _fake("cifar10_fake", train_size, test_size, subset_seed)
-    from torchvision.datasets import CIFAR10
+        return _fake(f"{name}_fake", train_size, test_size, subset_seed, classes=classes)
+    import torchvision.datasets
 
+    factory = getattr(torchvision.datasets, name.upper())
     if download:
         Path(root).mkdir(parents=True, exist_ok=True)
-    train, test = _load(CIFAR10, "cifar10", root, download, ({"train": True}, {"train": False}))
+    train, test = _load(factory, name, root, download, ({"train": True}, {"train": False}))
     tx, ty = _to_tensors(train.data, train.targets, channels_last=True)
     vx, vy = _to_tensors(test.data, test.targets, channels_last=True)
     tx, ty = _subset(tx, ty, train_size, subset_seed)
     vx, vy = _subset(vx, vy, test_size, subset_seed + 1)
-    return TensorDataset("cifar10", tx, ty, vx, vy, num_classes=10, augment=augment)
+    return TensorDataset(name, tx, ty, vx, vy, num_classes=classes, augment=augment)
+
+
+def cifar10(root: str = "data/cifar10", download: bool = False, fake: bool = False,
+            train_size: int | None = None, test_size: int | None = None, subset_seed: int = 0,
+            augment: bool = False, **_: object) -> TensorDataset:
+    """CIFAR-10, 50k/10k (torchvision's python version in ``root``); ``fake`` uses FakeData."""
+    return _cifar("cifar10", 10, root, download, fake, train_size, test_size, subset_seed,
+                  augment)
 
 
 def cifar100(root: str = "data/cifar100", download: bool = False, fake: bool = False,
@@ -77,19 +88,8 @@ def cifar100(root: str = "data/cifar100", download: bool = False, fake: bool = F
              augment: bool = False, **_: object) -> TensorDataset:
     """CIFAR-100, 50k/10k, the 100 fine labels (torchvision's python version in ``root``);
     ``fake`` uses FakeData with 100 classes. Raises ConfigError when the files are missing."""
-    if fake:
-        return _fake("cifar100_fake", train_size, test_size, subset_seed, classes=100)
-    from torchvision.datasets import CIFAR100
-
-    if download:
-        Path(root).mkdir(parents=True, exist_ok=True)
-    train, test = _load(CIFAR100, "cifar100", root, download,
-                        ({"train": True}, {"train": False}))
-    tx, ty = _to_tensors(train.data, train.targets, channels_last=True)
-    vx, vy = _to_tensors(test.data, test.targets, channels_last=True)
-    tx, ty = _subset(tx, ty, train_size, subset_seed)
-    vx, vy = _subset(vx, vy, test_size, subset_seed + 1)
-    return TensorDataset("cifar100", tx, ty, vx, vy, num_classes=100, augment=augment)
+    return _cifar("cifar100", 100, root, download, fake, train_size, test_size, subset_seed,
+                  augment)
 
 
 def svhn(root: str = "data/svhn", download: bool = False, fake: bool = False,
