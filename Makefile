@@ -7,7 +7,7 @@ PROFILE ?= cpu
 SHARED_MNIST ?= ../shared/data/mnist
 
 .DEFAULT_GOAL := help
-.PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-anode-images reproduce-shapes \
+.PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-anode-toys reproduce-anode-images reproduce-shapes \
         reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients reproduce-cnf reproduce-regularisation reproduce-preset bench tensorboard lint clean \
         slurm-local test-slurm
 
@@ -34,8 +34,11 @@ smoke: install ## train every Table-1 model for a few batches on synthetic data
 reproduce-mnist: install data ## Table 1 + Figure 3 of Chen et al. 2018 (PROFILE=cpu|paper|tiny) -> results/mnist*
 	$(PY) -m nodebench.experiments.mnist --profile $(PROFILE)
 
-reproduce-anode: install data ## Augmented Neural ODEs (Dupont et al. 2019) -> results/anode*
-	$(PY) -m nodebench.experiments.anode --profile $(PROFILE)
+reproduce-anode: reproduce-anode-toys reproduce-anode-images ## Augmented Neural ODEs (Dupont et al. 2019): the toys, the held-out wedge and MNIST -> results/anode/*
+
+reproduce-anode-toys: install ## ANODE toys and the held-out-wedge study (nodebench reproduce dupont2019_toys, dupont2019_wedge) -> results/anode/{toys,wedge}
+	$(VENV)/bin/nodebench reproduce dupont2019_toys profile=$(PROFILE)
+	$(VENV)/bin/nodebench reproduce dupont2019_wedge profile=$(PROFILE)
 
 reproduce-anode-images: install data ## NODE vs ANODE on MNIST at equal wall time (nodebench reproduce dupont2019_images) -> results/anode/images
 	$(VENV)/bin/nodebench reproduce dupont2019_images profile=$(PROFILE)
@@ -46,8 +49,8 @@ reproduce-shapes: install ## explicit vs implicit Euler vs Crank-Nicolson on sha
 reproduce-expressivity: install ## trajectory length: FFN vs Neural ODE vs CT-RNN vs LTC (seed 000) -> results/expressivity*
 	$(PY) -m nodebench.experiments.expressivity --profile $(PROFILE)
 
-reproduce-dynamics: install ## learning dynamical systems with an ODE-Net (seed 001) -> results/dynamics*
-	$(PY) -m nodebench.experiments.dynamics --profile $(PROFILE)
+reproduce-dynamics: install ## learning dynamical systems with an ODE-Net, seed 001 (nodebench reproduce seed001_dynamics) -> results/dynamics*
+	$(VENV)/bin/nodebench reproduce seed001_dynamics profile=$(PROFILE)
 
 reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 (nodebench reproduce chen2018_table2) -> results/chen2018_table2*
 	$(VENV)/bin/nodebench reproduce chen2018_table2 profile=$(PROFILE)

@@ -22,8 +22,9 @@ from nodebench.dynamics import (
     make_system,
     n_params,
     nn_field_weights,
+    sub_trajectories,
 )
-from nodebench.experiments import dynamics as driver
+from nodebench.experiments import dynamics_report as report
 from nodebench.instruments import NFECounter
 from nodebench.models.blocks import Dynamics
 from nodebench.solvers import Gradient, Solver, odesolve
@@ -172,7 +173,7 @@ def test_train_window_is_the_first_fraction_of_the_time_range():
 def test_minibatch_gathers_sub_trajectories_of_observed_points():
     obs = torch.tensor([0, 2, 3, 7, 8, 9, 12, 15])
     y = torch.arange(40.0).reshape(20, 2)
-    y0, union, pos, target = driver._batch(obs, y, 3, 4, torch.Generator().manual_seed(0))
+    y0, union, pos, target = sub_trajectories(obs, y, 3, 4, torch.Generator().manual_seed(0))
     assert y0.shape == (4, 2) and pos.shape == (4, 3) and target.shape == (4, 3, 2)
     assert union[0] == 0 and torch.all(union[1:] > union[:-1])
     for b in range(4):
@@ -208,80 +209,75 @@ def test_nfe_is_counted_on_the_learned_field():
     assert counter.take("forward") == 16  # 4 steps x 4 stages
 
 
-# --- the driver ------------------------------------------------------------------------------
+# --- the preset through nodebench reproduce, and its report ------------------------------------
 
 def test_solver_failure_ends_the_run_with_its_reason(tmp_path):
-    profile = {**driver.PROFILES["tiny"], "iterations": 3,
-               "solver": {"method": "dopri5", "rtol": 1e-9, "atol": 1e-9, "max_num_steps": 1}}
-    s = driver.fit_system(make_system("spiral", points=40), "small", "regular", 0, profile,
-                          tmp_path / "run")
+    """A step limit the solver cannot meet ends the trainer run as failed; the report counts it
+    as a failure of the claim and names the reason."""
+    from nodebench.config import compose
+    from nodebench.train import run
+
+    cfg = compose(["experiment=seed001_dynamics", "profile=tiny", "dataset.points=40",
+                   "solver.rtol=1e-9", "solver.atol=1e-9", "solver.max_num_steps=1",
+                   "trainer.progress=false", f"paths.runs={tmp_path}"])
+    s = run(cfg, tmp_path / "runs" / "bad")
     assert s["status"] == "failed" and "max_num_steps exceeded" in s["error"]
-    assert s["failed_at_iteration"] == 1 and s["iterations"] == 0 and s["failed_in"] == "training"
-    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert saved["status"] == "failed"
-    assert torch.load(tmp_path / "run" / "trajectory.pt")["pred"] is None
+    frame = report.load_runs(tmp_path / "runs")
+    assert frame.iloc[0]["status"] == "failed" and pd.isna(frame.iloc[0]["fit_rel"])
+    line = report.verdicts(frame)[0]
+    assert line.startswith("- spiral, regular sampling: the seed's claim that the 2-50-2 "
+                           "ODE-Net fits the spiral **does NOT reproduce**")
+    assert "1 numerical failure(s)" in line
 
 
-def test_tiny_driver_end_to_end(tmp_path, capsys):
-    runs, results = tmp_path / "runs", tmp_path / "results"
-    rc = driver.main(["--profile", "tiny", "--systems", "spiral,nn_field", "--runs", str(runs),
-                      "--results", str(results)])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert out.count("[dynamics] ") == 2 * 2 * 2 + 1  # one line per run, then "done"
-    folders = sorted(p.name for p in runs.iterdir())
-    assert folders == sorted(f"{s}_{n}_{m}_s0" for s in ("spiral", "nn_field")
+@pytest.mark.slow
+def test_reproduce_tiny_end_to_end(runs_dir):
+    """``nodebench reproduce seed001_dynamics profile=tiny``: 2 systems x 2 nets x 2 samplings
+    through the trainer, and the report read from their run records only."""
+    from nodebench.cli import main
+
+    assert main(["reproduce", "seed001_dynamics", "profile=tiny"]) == 0
+    runs, results = runs_dir / "seed001_dynamics-tiny", runs_dir / "dynamics-tiny-results"
+    folders = sorted(p.parent.name.split("_", 1)[1] for p in runs.rglob("summary.json"))
+    assert folders == sorted(f"{s}_ode_{n}_{m}_s0" for s in ("spiral", "nonlinear")
                              for n in ("small", "deep") for m in ("regular", "irregular"))
-    for name in folders:
-        s = json.loads((runs / name / "summary.json").read_text())
+    for path in runs.rglob("summary.json"):
+        s = json.loads(path.read_text())
         assert s["status"] == "ok", s["error"]
         assert s["iterations"] == 4 and s["nfe_forward"] > 0 and s["nfe_backward"] == 0
-        assert s["nfe_eval"] > 0 and s["wall_time_s"] > 0
         assert s["fit_mse"] >= 0 and s["extrap_mse"] >= 0
-        assert s["params"] == (252 if "_small_" in name else 10652)
-        assert s["observed_points"] == (30 if "irregular" in name else 60)
-        traj = torch.load(runs / name / "trajectory.pt")
+        assert s["params"] == (252 if "_ode_small_" in path.parent.name else 10652)
+        traj = torch.load(path.parent / "trajectory.pt", weights_only=True)
         assert traj["pred"].shape == traj["true"].shape == (60, 2)
-        assert len(pd.read_csv(runs / name / "history.csv")) == 4
+        assert len(traj["observed"]) == (30 if "irregular" in path.parent.name else 60)
     for f in ("README.md", "dynamics.md", "dynamics.csv", "runs.csv", "spiral.png",
-              "nn_field.png", "errors.png"):
+              "nonlinear.png", "errors.png"):
         assert (results / f).stat().st_size > 0, f
     table = (results / "dynamics.md").read_text()
     assert "| small (2-50-2 tanh) | 252 | regular | 1 / 0 |" in table
     assert "| deep (2-150-50-50-2 tanh) | 10652 | irregular | 1 / 0 |" in table
-    assert "4 iterations per run" in table and "1 thread(s)" in table and "device cpu" in table
+    assert "4 iterations per run" in table and "1 thread(s) per run" in table
     agg = pd.read_csv(results / "dynamics.csv")
     assert len(agg) == 8 and set(agg["ok"]) == {1}
     runs_csv = pd.read_csv(results / "runs.csv")
     one = runs_csv[(runs_csv["system"] == "spiral") & (runs_csv["network"] == "small")
                    & (runs_csv["sampling"] == "regular")].iloc[0]
-    summary = json.loads((runs / "spiral_small_regular_s0" / "summary.json").read_text())
+    summary = json.loads((runs / one["run"] / "summary.json").read_text())
     assert one["fit_mse"] == pytest.approx(summary["fit_mse"])
+    metrics = pd.read_csv(runs / one["run"] / "metrics.csv")
+    assert one["nfe_forward"] == pytest.approx(metrics["nfe_forward"].mean())
     readme = (results / "README.md").read_text()
     # the verdicts are computed: one per claim and sampling for the systems that ran
     verdicts = [line for line in readme.splitlines() if line.startswith("- ")
                 and "claim" in line]
-    assert len(verdicts) == 3 * 2  # spiral (small), nn_field small and deep, x 2 samplings
-    assert all(("**reproduces**" in v) or ("NOT reproduce" in v) or ("undecided" in v)
-               or ("partly reproduces" in v)
-               for v in verdicts)
-    # the report alone rebuilds the same tables from the run folders
+    assert len(verdicts) == 2 * 2  # spiral (small), nonlinear (small), x 2 samplings
+    # the report alone rebuilds the same tables from the run records
     before = (results / "dynamics.md").read_text()
-    assert driver.main(["--profile", "tiny", "--stages", "report", "--runs", str(runs),
-                        "--results", str(results)]) == 0
+    report.report(runs, results, "tiny")
     assert (results / "dynamics.md").read_text() == before
 
 
-@pytest.mark.parametrize("argv", [["--profile", "huge"], ["--systems", "spiral,pendulum"],
-                                  ["--stages", "train,plot"], ["--seeds", "a,b"],
-                                  ["--iterations", "0"], ["--networks", "wide"]])
-def test_bad_options_exit_2_with_one_line(argv, tmp_path, capsys):
-    argv = [*argv, "--runs", str(tmp_path / "r"), "--results", str(tmp_path / "x")]
-    try:
-        rc = driver.main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "error" in err
-    assert not (tmp_path / "r").exists() and not (tmp_path / "x").exists()
+def test_report_without_runs_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no dynamics run records"):
+        report.report(tmp_path / "none", tmp_path / "results")
+    assert not (tmp_path / "results").exists()

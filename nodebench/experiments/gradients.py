@@ -111,7 +111,7 @@ PROFILES: dict[str, dict] = {
 
 
 def _toy_training(mode: str) -> dict:
-    from .anode import TOY_TRAINING
+    from .toy_fit import TOY_TRAINING
 
     return {**TOY_TRAINING, "gradient": GRADIENTS[mode]}
 
@@ -129,7 +129,7 @@ def stage_toys(profile: dict, runs: Path) -> None:
     gradient error against the float64 1e-9 reference at initialisation (the same weights
     rebuilt from the seed) and at the end (``model.pt``) on the first ``check_batch`` test
     points; added to each run's summary.json as ``grad_rel_error_init`` / ``_final``."""
-    from .anode import build_toy, fit_toy
+    from .toy_fit import build_toy, fit_toy
 
     spec = profile["toys"]
     loss_fn = torch.nn.MSELoss()
@@ -189,7 +189,7 @@ def stage_tolerance(profile: dict, results: Path) -> None:
     from ..instruments import NFECounter
     from ..solvers import Gradient, Solver
     from ..validity import _flat_grad, ode_blocks, reference_model
-    from .anode import build_toy
+    from .toy_fit import build_toy
 
     spec = profile["tolerance"]
     model, data = _mnist_model(spec["dataset"])
