@@ -16,7 +16,7 @@ from nodebench.experiments import anode_images_report as R
 
 def test_arms_compose_parameter_matched():
     params = {}
-    for arm, model, epochs in (("node", "node_conv", 3), ("anode", "anode_conv", 6)):
+    for arm, model, epochs in (("node", "node_conv", 3), ("anode", "anode_conv", 8)):
         cfg = C.compose(["experiment=dupont2019_images", f"arm={arm}", "dataset=synthetic"])
         assert cfg.model.name == model and cfg.trainer.epochs == epochs
         assert cfg.trainer.max_batches == 80 and cfg.optim.name == "adam_onecycle"

@@ -145,16 +145,16 @@ def test_reproduce_runs_the_declared_sweep_and_writes_the_report(runs_dir):
     code = main(["reproduce", "seed001_dynamics", "profile=tiny", "dataset=ode_spiral",
                  "model=ode_small"])
     assert code == 0
-    table = pd.read_csv(runs_dir / "seed001_dynamics-tiny-results" / "table.csv")
+    table = pd.read_csv(runs_dir / "dynamics-tiny-results" / "table.csv")
     assert list(table["dataset.sampling"]) == ["regular", "irregular"]
     assert set(table["runs"]) == {"1 ok"} and "fit_rel" in table
-    assert (runs_dir / "seed001_dynamics-tiny-results" / "table.md").read_text().startswith(
+    assert (runs_dir / "dynamics-tiny-results" / "table.md").read_text().startswith(
         "# seed001_dynamics (profile tiny)")
     # the same command again: the finished runs are skipped, the report is the same
-    first = (runs_dir / "seed001_dynamics-tiny-results" / "table.csv").read_bytes()
+    first = (runs_dir / "dynamics-tiny-results" / "table.csv").read_bytes()
     assert main(["reproduce", "seed001_dynamics", "profile=tiny", "dataset=ode_spiral",
                  "model=ode_small"]) == 0
-    assert (runs_dir / "seed001_dynamics-tiny-results" / "table.csv").read_bytes() == first
+    assert (runs_dir / "dynamics-tiny-results" / "table.csv").read_bytes() == first
 
 
 def test_reproduce_unknown_preset_or_profile(runs_dir, capsys):
