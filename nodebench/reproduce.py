@@ -13,13 +13,24 @@ overrides go to every job (a key of the sweep given on the command line replaces
 values; ``reproduce.overrides``, e.g. a profile's ``[dataset=synthetic]``, are given to every
 job before them). The profile defaults to ``cpu``.
 
+Between the sweep and the report run the preset's ``reproduce.after`` stages, dotted functions
+``stage(runs, results, cfg)`` with ``cfg`` the reproduction's composed config (Table 1's memory
+scaling, tolerance sweep and solve checks). A preset with an empty sweep trains nothing: only its
+stages and its builder run (the expressivity measurement). When the sweep trained a run,
+``results/.../reproduce.json`` records the wall time (sweep and whole), jobs at a time, threads
+per job and the 1-minute load average (start, maximum sampled every 10 s, end).
+
 Exit status: that of the sweep (0 every run ok, 1 a run failed, 2 bad input); the report is
 written whenever a run record exists.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 from . import config as C
@@ -47,6 +58,27 @@ def _sweep_value(value) -> str:
     return str(value)
 
 
+def _is_sweep(override: str) -> bool:
+    """Whether a command-line override sweeps (``key=a,b`` outside brackets and quotes, or a
+    ``range(...)`` / ``choice(...)`` / ``interval(...)`` value)."""
+    value = override.split("=", 1)[1] if "=" in override else ""
+    if value.startswith(("range(", "choice(", "interval(", "glob(")):
+        return True
+    depth, quote = 0, ""
+    for ch in value:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            return True
+    return False
+
+
 def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
     """The ``nodebench train -m`` arguments of a reproduction, its sweep folder, its results
     folder and its report spec. Raises ConfigError for an unknown preset or profile."""
@@ -57,7 +89,9 @@ def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
         raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     rest = [a for a in args if not a.startswith("profile=")]
     base = [f"experiment={name}", f"profile={profile}"]
-    cfg = C.compose([*base, *[a for a in rest if not a.startswith(("hydra", "-"))]])
+    # the overrides one config can take: no Hydra keys or flags, no sweeps (a,b  range(..))
+    single = [a for a in rest if not a.startswith(("hydra", "-")) and not _is_sweep(a)]
+    cfg = C.compose([*base, *single])
     group = f"{name}-{profile}"
     runs = Path(str(cfg.paths.runs))
     sweep_dir = runs / group
@@ -72,10 +106,53 @@ def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
     train_args = ["-m", *base, f"group={group}", f"hydra.sweep.dir={sweep_dir}", *launch,
                   *extra, *sweep, *rest]
     report = {"by": list(cfg.reproduce.report.by), "metrics": list(cfg.reproduce.report.metrics),
-              "builder": cfg.reproduce.report.get("builder"), "profile": profile}
+              "builder": cfg.reproduce.report.get("builder"), "profile": profile,
+              "after": [str(a) for a in cfg.reproduce.get("after") or []],
+              # a preset without a sweep (a measurement: seed000_expressivity) trains nothing
+              "train": bool(cfg.reproduce.sweep),
+              "threads": cfg.trainer.get("threads"),
+              # the config the stages after the sweep read: the jobs' own (profile overrides too)
+              "stage_args": [*base, *extra, *single]}
     # reproduce.folder: the results folder's name when it is not the preset's (e.g. cnf/density)
     folder = cfg.reproduce.get("folder") or name
     return train_args, sweep_dir, results_folder(folder, profile, runs), report
+
+
+class _Clock:
+    """Wall time of a reproduction and the 1-minute load average, sampled every 10 s by a
+    daemon thread (start, maximum; the end is read by the caller)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.load_start = os.getloadavg()[0]
+        self.load_max = self.load_start
+        self._done = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(10.0):
+            self.load_max = max(self.load_max, os.getloadavg()[0])
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def stop(self) -> None:
+        self.load_max = max(self.load_max, os.getloadavg()[0])
+        self._done.set()
+
+    def trained(self, sweep_dir: Path) -> bool:
+        """Whether this reproduction wrote a run record (a rerun over finished runs does not:
+        its timing would say nothing)."""
+        return any(p.stat().st_mtime >= self.started for p in sweep_dir.rglob("summary.json"))
+
+
+def _jobs(train_args: list[str]) -> int:
+    """How many training jobs ran at a time (hydra.launcher.n_jobs, else 1)."""
+    for a in reversed(train_args):
+        if a.startswith("hydra.launcher.n_jobs="):
+            n = int(a.split("=", 1)[1])
+            return n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)
+    return 1
 
 
 def main(args: list[str]) -> int:
@@ -92,15 +169,41 @@ def main(args: list[str]) -> int:
         return 0
     name, rest = args[0], args[1:]
     train_args, sweep_dir, results, report = plan(name, rest)
-    print(f"[reproduce] nodebench train {' '.join(train_args)}", flush=True)
-    code = cmd_train(train_args)
-    if not any(sweep_dir.rglob("summary.json")):
-        print(f"nodebench: error: no run records under {sweep_dir}/", file=sys.stderr)
-        return code or 1
-    write_report(sweep_dir, results, title=f"{name} (profile {train_args[2].split('=')[1]})",
-                 by=report["by"], metrics=report["metrics"],
-                 note=f"Runs: `{shown_path(sweep_dir)}`; made by `nodebench reproduce {name} "
-                      f"{' '.join(rest)}`.".replace("  ", " ").replace(" `.", "`."))
+    clock = _Clock()
+    if report["train"]:
+        print(f"[reproduce] nodebench train {' '.join(train_args)}", flush=True)
+        code = cmd_train(train_args)
+        if not any(sweep_dir.rglob("summary.json")):
+            print(f"nodebench: error: no run records under {sweep_dir}/", file=sys.stderr)
+            return code or 1
+    else:  # a measurement preset (no sweep): its stages write into the run folder
+        code = 0
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_s = clock.elapsed()
+    if report["after"]:  # the preset's stages between the sweep and the report
+        from hydra.utils import get_method
+
+        stage_cfg = C.compose(report["stage_args"])
+        results.mkdir(parents=True, exist_ok=True)
+        for stage in report["after"]:
+            print(f"[reproduce] stage {stage}", flush=True)
+            get_method(stage)(sweep_dir, results, stage_cfg)
+    clock.stop()
+    if clock.trained(sweep_dir):
+        # what a report's schedule line states (nodebench.report.schedule_line)
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "reproduce.json").write_text(json.dumps({
+            "preset": name, "profile": report["profile"], "jobs": _jobs(train_args),
+            "threads_per_job": report["threads"],
+            "sweep_wall_s": round(sweep_s, 1), "wall_s": round(clock.elapsed(), 1),
+            "cores": os.cpu_count(), "load_start": clock.load_start,
+            "load_max": round(clock.load_max, 2), "load_end": os.getloadavg()[0]},
+            indent=2) + "\n")
+    if report["train"]:
+        write_report(sweep_dir, results, title=f"{name} (profile {report['profile']})",
+                     by=report["by"], metrics=report["metrics"],
+                     note=f"Runs: `{shown_path(sweep_dir)}`; made by `nodebench reproduce {name} "
+                          f"{' '.join(rest)}`.".replace("  ", " ").replace(" `.", "`."))
     if report["builder"]:  # the preset's own tables and figures, from the same run records
         from hydra.utils import get_method
 

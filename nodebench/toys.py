@@ -126,7 +126,50 @@ def annulus_wedge(wedge: tuple[float, float] = (0.0, math.pi / 5), **kwargs) -> 
     return annulus(hold_out_wedge=wedge, **kwargs)
 
 
-TOY_DATASETS = {"g_1d": g_1d, "annulus": annulus, "annulus_wedge": annulus_wedge}
+def _rings(n: int, noise: float, inner_radius: float, outer_radius: float,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n // 2 points on the outer circle (target +1), the rest on the inner one (target -1),
+    uniform angles, Gaussian noise of standard deviation ``noise`` on both coordinates."""
+    n_outer = n // 2
+    radius = torch.cat([torch.full((n_outer, 1), outer_radius),
+                        torch.full((n - n_outer, 1), inner_radius)])
+    angle = 2 * math.pi * torch.rand(n, 1, generator=generator)
+    x = radius * torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
+    x = x + noise * torch.randn(x.shape, generator=generator)
+    y = torch.cat([torch.ones(n_outer, 1), -torch.ones(n - n_outer, 1)])
+    return x, y
+
+
+def rings_wedge(dim: int = 2, num_points: int = 1000, num_test_points: int = 1000,
+                noise: float = 0.05, inner_radius: float = 0.5, outer_radius: float = 1.0,
+                hold_out_wedge: tuple[float, float] = (0.0, math.pi / 5),
+                seed: int = 0) -> ToyData:
+    """Two thin noisy circles (radius ``outer_radius``, target +1; ``inner_radius``, target -1;
+    Gaussian noise ``noise``), the geometry of the independent ANODE replication's held-out-slice
+    test (VanniLeonardo/re-augmented-neural-odes, scripts/train_anode_slice_circles.py: 1,000
+    points, factor 0.5, noise 0.05, the slice [0, pi/5]) rather than Dupont et al.'s filled disk
+    and annulus. The training set is a sample of ``num_points`` less the points whose polar angle
+    lies in ``hold_out_wedge``; the test set is the wedge of an independent sample of
+    ``num_test_points`` (seed + 10000, as there). Inputs (N, 2), targets (N, 1).
+
+    Raises ValueError for ``dim`` other than 2 or an empty wedge.
+    """
+    if dim != 2:
+        raise ValueError(f"rings_wedge is 2-D (dim=2), not dim={dim}")
+    x, y = _rings(num_points, noise, inner_radius, outer_radius,
+                  torch.Generator().manual_seed(seed))
+    tx, ty = _rings(num_test_points, noise, inner_radius, outer_radius,
+                    torch.Generator().manual_seed(seed + 10_000))
+    a, b = hold_out_wedge
+    held = (polar_angle(x) >= a) & (polar_angle(x) <= b)
+    test = (polar_angle(tx) >= a) & (polar_angle(tx) <= b)
+    if not test.any():
+        raise ValueError(f"the wedge [{a}, {b}] holds no test point")
+    return ToyData("rings_wedge", x[~held], y[~held], tx[test], ty[test])
+
+
+TOY_DATASETS = {"g_1d": g_1d, "annulus": annulus, "annulus_wedge": annulus_wedge,
+                "rings_wedge": rings_wedge}
 
 # -------------------------------------------------------------------------------------- models
 

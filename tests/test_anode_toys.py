@@ -47,8 +47,12 @@ def test_toys_reproduce_tiny_end_to_end(runs_dir):
            csv.DictReader((run / "metrics.csv").read_text().splitlines())]
     assert (float(first), float(last)) == (round(nfe[0], 1), round(nfe[-1], 1))
     assert node["solve valid"] in ("0/1", "1/1") and node["round-trip error"] != "-"
+    # the gradient error (issue 13) of every ODE run, at initialisation and at the end
+    init, end = node["grad. error init / end"].split(" / ")
+    assert float(init.split(" ")[0]) >= 0 and float(end.split(" ")[0]) >= 0
     resnet = next(r for r in rows if r["model"] == "ResNet")
     assert resnet["NFE-F / iter, epoch 1 -> last"] == "-" and resnet["solve valid"] == "-"
+    assert resnet["grad. error init / end"] == "-"
     for name in ("toys_annulus_training.png", "toys_annulus_wedge_features.png",
                  "toys_g_1d_trajectories.png", "toys_g_1d_nfe_vs_loss.png"):
         assert (results / name).stat().st_size > 0
@@ -72,6 +76,41 @@ def test_wedge_reproduce_tiny(runs_dir):
         ("NODE", "0.001"), ("NODE", "1e-06"), ("ANODE p=5", "0.001"), ("ANODE p=5", "1e-06")]
     assert [r["replication"] for r in rows] == ["0.619", "0.619", "1.000", "1.000"]
     assert "loss smooth_l1" in (results / "README.md").read_text()
+
+
+def test_rings_wedge_is_the_replications_geometry():
+    import math
+
+    from nodebench.toys import polar_angle, rings_wedge
+
+    data = rings_wedge(num_points=1000, num_test_points=1000, noise=0.0, seed=3)
+    radius = data.x.norm(dim=1)
+    # noise-free: every point on one of the two circles, its target by its circle
+    assert bool(((radius - 1.0).abs() < 1e-5).eq(data.y[:, 0] > 0).all())
+    assert bool((((radius - 0.5).abs() < 1e-5) | ((radius - 1.0).abs() < 1e-5)).all())
+    angle = polar_angle(data.x)
+    assert not bool(((angle >= 0) & (angle <= math.pi / 5)).any())   # the wedge left out
+    test_angle = polar_angle(data.test_x)
+    assert bool((test_angle <= math.pi / 5).all()) and 60 < len(data.test_x) < 140  # ~ 1000/10
+    again = rings_wedge(num_points=1000, num_test_points=1000, noise=0.0, seed=3)
+    assert bool((again.test_x == data.test_x).all())                    # seeded
+    cfg = compose(["experiment=dupont2019_rings", "profile=cpu"])
+    assert (cfg.dataset.name, cfg.trainer.epochs, cfg.solver.rtol) == ("rings_wedge", 200, 1e-3)
+    assert cfg.reproduce.sweep.model == "node_toy,anode2_toy"
+
+
+@pytest.mark.slow
+def test_rings_reproduce_tiny(runs_dir):
+    from nodebench.cli import main
+
+    assert main(["reproduce", "dupont2019_rings", "profile=tiny"]) == 0
+    results = runs_dir / "anode" / "rings-tiny-results"
+    rows = list(csv.DictReader((results / "wedge.csv").read_text().splitlines()))
+    assert [r["model"] for r in rows] == ["NODE", "ANODE p=2"]
+    assert [r["replication"] for r in rows] == ["0.619", "1.000"]
+    assert all(r["grad. error init / end"] != "-" for r in rows)   # measured in every run
+    readme = (results / "README.md").read_text()
+    assert "two thin noisy circles" in readme and "two logits with cross-entropy" in readme
 
 
 def test_a_failed_toy_run_is_a_counted_row(tmp_path):
@@ -100,6 +139,19 @@ def _frame(**columns) -> pd.DataFrame:
     base = {"status": ["ok"] * n, "error": [None] * n, "valid": [True] * n,
             "validity_threshold": [0.01] * n, "seed": list(range(n))}
     return pd.DataFrame({**base, **columns})
+
+
+def test_gradient_verdict_sets_apart_runs_whose_loss_vanished():
+    frame = _frame(dataset=["g_1d", "annulus"], model=["anode_toy", "node_toy"],
+                   test_accuracy=[1.0, 1.0], train_loss=[1e-8, 0.02],
+                   nfe_forward_first=[14.0, 20.0], nfe_forward_last=[14.0, 30.0],
+                   rtol=[1e-3, 1e-3], grad_rel_error_init=[0.03, 0.004],
+                   grad_rel_error_final=[0.98, 0.06])
+    line = next(v for v in report.verdicts(frame) if v.startswith("Gradient error"))
+    assert "3.0e-03" not in line and "4.0e-03 to 3.0e-02 at initialisation" in line
+    assert "6.0e-02 to 6.0e-02 at the end" in line          # the g_1d run is set apart
+    assert "1 run(s) ended with a training loss under 1e-6 (g_1d ANODE p=1)" in line
+    assert "(0.98 to 0.98)" in line
 
 
 def test_verdicts_are_computed_from_the_numbers():

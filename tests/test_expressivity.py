@@ -186,11 +186,21 @@ def test_random_cells_are_dynamics_with_the_seed_shapes():
 
 # --- the driver -------------------------------------------------------------------------------
 
-def test_tiny_profile_end_to_end(tmp_path):
-    runs, results = tmp_path / "runs", tmp_path / "results"
-    code = driver.main(["--profile", "tiny", "--runs", str(runs), "--results", str(results)])
-    assert code == 0
-    p = driver.PROFILES["tiny"]
+def test_tiny_profile_end_to_end(runs_dir):
+    """`nodebench reproduce seed000_expressivity profile=tiny`: no sweep, the two measurement
+    stages into the run folder, the report from their files; the report alone gives the same
+    tables again."""
+    from nodebench.cli import main
+    from nodebench.config import compose
+
+    assert main(["reproduce", "seed000_expressivity", "profile=tiny"]) == 0
+    runs, results = runs_dir / "seed000_expressivity-tiny", runs_dir / "expressivity-tiny-results"
+    assert not list(runs.rglob("summary.json"))          # nothing was trained
+    assert not (results / "reproduce.json").exists()    # nor timed as a training sweep
+    p = compose(["experiment=seed000_expressivity", "profile=tiny"]).expressivity
+    assert (p.points, p.draws, p.deep_width) == (33, 2, 8)
+    assert compose(["experiment=seed000_expressivity", "profile=paper"]).expressivity.points == 4000
+    assert compose(["experiment=seed000_expressivity"]).expressivity.deep_draws == 5
     depth = pd.read_csv(results / "depth_draws.csv")
     n_deep = sum(len(v) for v in p["deep_activations"].values())
     assert len(depth) == n_deep * 2 * (p["depth"] + 1) * p["draws"]
@@ -207,3 +217,7 @@ def test_tiny_profile_end_to_end(tmp_path):
         assert (results / name).stat().st_size > 0, name
     readme = (results / "README.md").read_text()
     assert "Claims of the seed vs what was measured" in readme and "LTC length" in readme
+    assert "profile `tiny`" in readme
+    tables = {f: (results / f).read_bytes() for f in ("depth_lengths.md", "cells_lengths.csv")}
+    driver.report_stage(runs, results, "tiny")
+    assert tables == {f: (results / f).read_bytes() for f in tables}

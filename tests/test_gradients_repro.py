@@ -67,13 +67,12 @@ def test_equal_wall_time_reads_each_run_at_the_fastest_total():
 
 def test_stage_jobs_run_in_their_lanes(tmp_path):
     """A profile's stage jobs run once, after the lane's trainings, with their own arguments."""
-    from nodebench.experiments.mnist import run_lanes
+    from nodebench.experiments.gradients import run_lanes
 
     profile = {"lanes": [["a", "hello"], ["b"]], "seeds": [0], "threads": None,
-               "models": {"a": [], "b": []},
+               "models": {},
                "stage_jobs": {"hello": ["-c", "print('stage ran')"]}}
-    # "a" and "b" are not trained (models=()): only the stage job runs
-    schedule = run_lanes(profile, "tiny", tmp_path / "runs", tmp_path / "res", "x", models=(),
-                         memory=False, heartbeat_s=0.5, everything=("a", "b"))
+    # "a" and "b" are not modes of the profile (models={}): only the stage job runs
+    schedule = run_lanes(profile, tmp_path / "runs", "x", heartbeat_s=0.5)
     assert schedule["lanes"] == [["hello"]]
     assert (tmp_path / "runs" / "hello.log").read_text().strip() == "stage ran"

@@ -1,29 +1,32 @@
-"""`make reproduce-expressivity`: trajectory-length expressivity of random FFN, Neural ODE,
-CT-RNN and LTC models (seed 000; Raghu et al. 2017's measure; docs/reference.md section 3).
+"""`make reproduce-expressivity` = ``nodebench reproduce seed000_expressivity``: trajectory-length
+expressivity of random FFN, Neural ODE, CT-RNN and LTC models (seed 000; Raghu et al. 2017's
+measure; docs/reference.md section 3). Nothing is trained; the preset
+(conf/experiment/seed000_expressivity.yaml, its settings under ``expressivity``) has no sweep and
+runs these stages (``reproduce.after``), each ``stage(runs, results, cfg)``:
 
-Stages (``--stages``, all by default, in this order):
-  depth   a 6-layer FFN (width 100) vs a Neural ODE whose f is such a net: length after each
-          layer (FFN) / at t = l/6 (Neural ODE), per activation and weight scaling
-  cells   single-layer Neural ODE, CT-RNN and LTC cells of width k driven by the circle as an
-          input time series: length of the latent trajectory h(t), t in [0, 2 pi]
-  report  tables (Markdown, CSV), figures (PNG) and README.md into the results folder, built only
-          from the files the first two stages wrote (draws.csv, projections.pt)
+  :func:`depth_stage`  a 6-layer FFN (width 100) vs a Neural ODE whose f is such a net: length
+                       after each layer (FFN) / at t = l/6 (Neural ODE), per activation and weight
+                       scaling (``depth_draws.csv``, ``depth_projections.pt``, ``depth_meta.json``
+                       in the run folder)
+  :func:`cells_stage`  single-layer Neural ODE, CT-RNN and LTC cells of width k driven by the
+                       circle as an input time series: length of the latent trajectory h(t),
+                       t in [0, 2 pi] (``cells_*`` files)
 
-Profiles: ``cpu`` (default; a few minutes on one CPU core), ``paper`` (more draws, denser
-sampling), ``tiny`` (seconds: CI).
+then :func:`report_stage`: tables (Markdown, CSV), figures (PNG) and README.md into the results
+folder, built only from the files the two stages wrote. Profiles: ``cpu`` (the preset; a few
+minutes on one CPU core), ``paper`` (more draws, denser sampling), ``tiny`` (seconds: CI).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import sys
 import time
 import zlib
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import classify_solver_error
 from ..expressivity import (
@@ -41,42 +44,10 @@ from ..expressivity import (
 from ..instruments import NFECounter
 from ..solvers import Solver
 from ..tables import pm
-from . import folders, split_list
 
 # Weights N(0, sigma_w2 [/ fan-in]), biases N(0, sigma_b2): the seed's values.
 SIGMA_W2 = 2.0
 SIGMA_B2 = 1.0
-
-# Activations of the 6-layer study per weight scaling. The seed uses sigmoid and tanh; ReLU is
-# added where it is cheap: with unscaled N(0, 2) weights a ReLU f has a Lipschitz constant of
-# order (2k)^3 = 8e6 and the Neural ODE blows up (dopri5 only exhausts its step limit).
-DEEP_ACTIVATIONS = {"none": ["sigmoid", "tanh"], "fan_in": ["sigmoid", "tanh", "relu"]}
-
-PROFILES: dict[str, dict] = {
-    "cpu": {
-        "description": "CPU budget: 1000 circle samples; 10 weight draws per cell configuration, "
-                       "5 per 6-layer configuration",
-        "points": 1000, "draws": 10, "deep_draws": 5, "depth": 6, "deep_width": 100,
-        "deep_activations": DEEP_ACTIVATIONS,
-        "activations": ["relu", "sigmoid", "tanh"], "widths": [10, 25, 100],
-        "scalings": ["none", "fan_in"], "node_tol": 1e-4, "max_num_steps": 2000, "seed": 0,
-    },
-    "paper": {
-        "description": "denser: 4000 circle samples; 50 draws per cell configuration, 20 per "
-                       "6-layer configuration",
-        "points": 4000, "draws": 50, "deep_draws": 20, "depth": 6, "deep_width": 100,
-        "deep_activations": DEEP_ACTIVATIONS,
-        "activations": ["relu", "sigmoid", "tanh"], "widths": [10, 25, 100],
-        "scalings": ["none", "fan_in"], "node_tol": 1e-5, "max_num_steps": 5000, "seed": 0,
-    },
-    "tiny": {
-        "description": "CI smoke budget: 33 circle samples, 2 draws, narrow nets",
-        "points": 33, "draws": 2, "deep_draws": 2, "depth": 6, "deep_width": 8,
-        "deep_activations": {"none": ["tanh"], "fan_in": ["sigmoid"]},
-        "activations": ["tanh"], "widths": [3, 5],
-        "scalings": ["none", "fan_in"], "node_tol": 1e-3, "max_num_steps": 1000, "seed": 0,
-    },
-}
 
 CELL_TAU = 1.0  # time constant of CT-RNN and LTC cells (the seed gives none)
 
@@ -515,9 +486,9 @@ def report(runs: Path, results: Path) -> None:
     readme = [
         "# Trajectory-length expressivity (seed 000), measured",
         "",
-        ("Made by `make reproduce-expressivity` (`python -m nodebench.experiments.expressivity "
-        "--profile <cpu|paper|tiny>`); every number below comes from that run's "
-        "`*_draws.csv` (one row per weight draw), re-aggregated by its `report` stage."),
+        ("Made by `make reproduce-expressivity` (`nodebench reproduce seed000_expressivity "
+        "profile=<cpu|paper|tiny>`); every number below comes from that run's "
+        "`*_draws.csv` (one row per weight draw), re-aggregated by its report step."),
         "",
         ("Setup: input circle x(t) = (sin t, cos t), t in [0, 2 pi] (length 2 pi = 6.283). "
         "Models are random and untrained; biases N(0, 1). Two weight scalings: `none` = "
@@ -555,46 +526,38 @@ def report(runs: Path, results: Path) -> None:
     (results / "README.md").write_text("\n".join(readme) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nodebench.experiments.expressivity",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
-    p.add_argument("--stages", default="depth,cells,report")
-    p.add_argument("--runs", default=None, help="run folder (default runs/expressivity-<profile>)")
-    p.add_argument("--results", default=None, help="results folder (default results/expressivity "
-                   "for cpu, results/expressivity-<profile> otherwise)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    a = p.parse_args(argv)
-    profile = PROFILES[a.profile]
-    _, runs, results = folders("expressivity", a.profile, a.runs, a.results)
-    stages = split_list(a.stages)
-    unknown = set(stages) - {"depth", "cells", "report"}
-    if unknown:
-        print(f"error: unknown stage(s) {', '.join(sorted(unknown))}", file=sys.stderr)
-        return 2
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    runs.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+def _measure(stage: str, runs: Path, cfg: DictConfig) -> None:
+    """Run one measurement stage with the settings ``cfg.expressivity`` and write its per-draw
+    CSV, the draw-0 projections and a meta file (settings, profile, wall time, threads) into
+    ``runs``. The profile's name is the run folder's suffix (``<preset>-<profile>``)."""
     import pandas as pd
 
-    for stage, fn in (("depth", stage_depth), ("cells", stage_cells)):
-        if stage not in stages:
-            continue
-        t0 = time.time()
-        rows, keep = fn(profile, profile["seed"])
-        pd.DataFrame(rows).to_csv(runs / f"{stage}_draws.csv", index=False)
-        torch.save(_project(keep), runs / f"{stage}_projections.pt")
-        meta = {"profile": a.profile, **profile, "stage": stage, "wall_s": time.time() - t0,
-                "n_draws": profile["deep_draws" if stage == "depth" else "draws"],
-                "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "sigma_w2": SIGMA_W2, "sigma_b2": SIGMA_B2, "tau": CELL_TAU}
-        (runs / f"{stage}_meta.json").write_text(json.dumps(meta, indent=2))
-    if "report" in stages:
-        report(runs, results)
-    print(f"[expressivity] done in {time.time() - started:.0f} s; results in {results}/")
-    return 0
+    spec = OmegaConf.to_container(cfg.expressivity, resolve=True)
+    runs = Path(runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    fn = stage_depth if stage == "depth" else stage_cells
+    t0 = time.time()
+    rows, keep = fn(spec, spec["seed"])
+    pd.DataFrame(rows).to_csv(runs / f"{stage}_draws.csv", index=False)
+    torch.save(_project(keep), runs / f"{stage}_projections.pt")
+    meta = {"profile": runs.name.rsplit("-", 1)[-1], **spec, "stage": stage,
+            "wall_s": time.time() - t0,
+            "n_draws": spec["deep_draws" if stage == "depth" else "draws"],
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "sigma_w2": SIGMA_W2, "sigma_b2": SIGMA_B2, "tau": CELL_TAU}
+    (runs / f"{stage}_meta.json").write_text(json.dumps(meta, indent=2))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def depth_stage(runs: Path, results: Path, cfg: DictConfig) -> None:
+    """The 6-layer FFN vs Neural ODE measurement (:func:`stage_depth`) into ``runs``."""
+    _measure("depth", runs, cfg)
+
+
+def cells_stage(runs: Path, results: Path, cfg: DictConfig) -> None:
+    """The single-layer cells measurement (:func:`stage_cells`) into ``runs``."""
+    _measure("cells", runs, cfg)
+
+
+def report_stage(runs: Path, results: Path, profile: str) -> None:
+    """The preset's report builder: :func:`report` from the stages' files in ``runs``."""
+    report(Path(runs), Path(results))

@@ -247,6 +247,106 @@ def stage_tolerance(profile: dict, results: Path) -> None:
     pd.DataFrame(rows).to_csv(results / "tolerance.csv", index=False)
 
 
+def _last_progress(log: Path) -> str:
+    """The last progress-bar state (or line) a job wrote to its log, for the heartbeat."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 4096))
+            tail = fh.read().decode(errors="replace")
+    except OSError:
+        return "starting"
+    parts = [p.strip() for p in tail.replace("\r", "\n").split("\n") if p.strip()]
+    return parts[-1][-110:] if parts else "starting"
+
+
+def _job_args(profile: dict, name: str, seed: int, runs: Path, experiment: str) -> list[str]:
+    """A lane job's command: a stage of this driver, or ``nodebench train`` of one mode."""
+    if name in profile["stage_jobs"]:
+        return profile["stage_jobs"][name]
+    return ["-m", "nodebench.cli", "train", f"model={profile['model']}", f"seed={seed}",
+            f"group={experiment}", f"paths.runs={runs.parent}", *profile["common"],
+            *profile["models"][name], f"hydra.run.dir={runs}/{name}_s{seed}"]
+
+
+def run_lanes(profile: dict, runs: Path, experiment: str, heartbeat_s: float = 60.0) -> dict:
+    """Run the profile's lanes side by side, the jobs of a lane one after another, each job a
+    subprocess (one ``nodebench train`` per mode, or a stage of this driver, once, after the
+    lane's trainings) whose output goes to ``<runs>/<job>.log``; previous runs in ``runs`` are
+    removed first. Prints a progress line per lane every ``heartbeat_s`` seconds. A failed run is
+    recorded in its summary.json and its lane goes on; a bad configuration (exit status 2) or a
+    failed stage stops the reproduction (SystemExit). Returns the schedule record (lanes, wall
+    time, 1-minute load average at the start, its maximum during the run)."""
+    import shutil
+    import subprocess
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, TimeoutError
+
+    if runs.exists():
+        print(f"[reproduce] removing previous runs in {runs}")
+        shutil.rmtree(runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    stage_jobs = profile["stage_jobs"]
+    lanes = []
+    for lane in profile["lanes"]:
+        jobs = [(m, seed) for seed in profile["seeds"] for m in lane if m in profile["models"]]
+        jobs += [(m, 0) for m in lane if m in stage_jobs]
+        if jobs:
+            lanes.append(jobs)
+    current: dict[int, tuple[str, Path]] = {}
+    bad: list[str] = []
+    lock = threading.Lock()
+
+    def say(text: str) -> None:
+        with lock:
+            print(text, flush=True)
+    started, load_start = time.time(), os.getloadavg()[0]
+
+    def lane_worker(index: int, jobs: list[tuple[str, int]]) -> None:
+        for name, seed in jobs:
+            if bad:
+                return
+            stage = name in stage_jobs
+            tag = name if stage else f"{name}_s{seed}"
+            log = runs / f"{tag}.log"
+            args = _job_args(profile, name, seed, runs, experiment)
+            say(f"[reproduce] lane {index + 1}: {' '.join(args[2:])}  (log: {log})")
+            current[index] = (tag, log)
+            t0 = time.time()
+            with open(log, "w") as fh:
+                code = subprocess.call([sys.executable, *args], stdout=fh, stderr=subprocess.STDOUT)
+            say(f"[reproduce] lane {index + 1}: {tag} finished (exit {code}) in "
+                f"{time.time() - t0:.0f} s")
+            if code == 2:
+                bad.append(f"bad configuration for {tag} (see {log})")
+            elif code != 0 and stage:
+                bad.append(f"{name} stage failed (see {log})")
+        current.pop(index, None)
+
+    max_load = load_start
+    with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
+        futures = [pool.submit(lane_worker, i, jobs) for i, jobs in enumerate(lanes)]
+        while not all(f.done() for f in futures):
+            for f in futures:
+                try:
+                    f.result(timeout=heartbeat_s / max(len(futures), 1))
+                except TimeoutError:
+                    pass
+            max_load = max(max_load, os.getloadavg()[0])
+            if not all(f.done() for f in futures):
+                elapsed = (time.time() - started) / 60
+                for index, (tag, log) in sorted(current.items()):
+                    say(f"[reproduce] {elapsed:5.1f} min  lane {index + 1} {tag}: "
+                        f"{_last_progress(log)}")
+        for f in futures:
+            f.result()
+    if bad:
+        raise SystemExit("; ".join(bad) + "; stopping")
+    return {"lanes": [[m for m, _ in jobs] for jobs in lanes], "threads_per_job": profile["threads"],
+            "train_wall_s": round(time.time() - started, 1), "cores": os.cpu_count(),
+            "load_start": load_start, "load_max": round(max_load, 2),
+            "load_end": os.getloadavg()[0]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nodebench.experiments.gradients",
                                 description=__doc__.split("\n")[0])
@@ -270,13 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results.mkdir(parents=True, exist_ok=True)
     if "train" in stages:
-        from .mnist import run_lanes
-
         # the toys and tolerance stages run as jobs of the lanes (subprocesses of this driver)
         jobs = {name: _stage_job(name, a.profile, runs, results, profile["threads"])
                 for name in STAGE_JOBS if name in stages}
-        schedule = run_lanes({**profile, "stage_jobs": jobs}, a.profile, runs, results,
-                             experiment, tuple(MODES), memory=False, everything=tuple(MODES))
+        schedule = run_lanes({**profile, "stage_jobs": jobs}, runs, experiment)
         schedule.update(profile=a.profile, wall_s=round(time.time() - started, 1),
                         load_end=os.getloadavg()[0])
         (results / "reproduce.json").write_text(json.dumps(schedule, indent=2) + "\n")
