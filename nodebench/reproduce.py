@@ -59,24 +59,16 @@ def _sweep_value(value) -> str:
 
 
 def _is_sweep(override: str) -> bool:
-    """Whether a command-line override sweeps (``key=a,b`` outside brackets and quotes, or a
-    ``range(...)`` / ``choice(...)`` / ``interval(...)`` value)."""
-    value = override.split("=", 1)[1] if "=" in override else ""
-    if value.startswith(("range(", "choice(", "interval(", "glob(")):
-        return True
-    depth, quote = 0, ""
-    for ch in value:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            return True
-    return False
+    """Whether a command-line override sweeps (``key=a,b``, ``range(...)``, ``choice(...)``, ...),
+    by Hydra's own override grammar; an override it cannot parse is not a sweep (composing it
+    reports the error)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except HydraException:
+        return False
 
 
 def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
