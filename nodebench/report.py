@@ -349,7 +349,7 @@ def schedule_line(results: Path) -> str:
         return ""
     r = json.loads(path.read_text())
     threads = r.get("threads_per_job")
-    if "lanes" in r:  # written by the former driver (python -m nodebench.experiments.mnist)
+    if "lanes" in r:  # written by a lane runner (the gradient study, and the former mnist driver)
         lanes = " | ".join(", ".join(lane) for lane in r["lanes"])
         how = f"training lanes {r['train_wall_s'] / 60:.1f} min); lanes side by side: {lanes}"
     else:  # written by `nodebench reproduce` (nodebench.reproduce)
