@@ -110,9 +110,9 @@ def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
     return train_args, sweep_dir, results_folder(folder, profile, runs), report
 
 
-class _Clock:
-    """Wall time of a reproduction and the 1-minute load average, sampled every 10 s by a
-    daemon thread (start, maximum; the end is read by the caller)."""
+class LoadClock:
+    """Wall time of a reproduction (or of a driver's lanes) and the 1-minute load average,
+    sampled every 10 s by a daemon thread (start, maximum; the end is read by the caller)."""
 
     def __init__(self) -> None:
         self.started = time.time()
@@ -161,7 +161,7 @@ def main(args: list[str]) -> int:
         return 0
     name, rest = args[0], args[1:]
     train_args, sweep_dir, results, report = plan(name, rest)
-    clock = _Clock()
+    clock = LoadClock()
     if report["train"]:
         print(f"[reproduce] nodebench train {' '.join(train_args)}", flush=True)
         code = cmd_train(train_args)

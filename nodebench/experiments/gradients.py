@@ -299,7 +299,9 @@ def run_lanes(profile: dict, runs: Path, experiment: str, heartbeat_s: float = 6
     def say(text: str) -> None:
         with lock:
             print(text, flush=True)
-    started, load_start = time.time(), os.getloadavg()[0]
+    from ..reproduce import LoadClock
+
+    clock = LoadClock()
 
     def lane_worker(index: int, jobs: list[tuple[str, int]]) -> None:
         for name, seed in jobs:
@@ -322,7 +324,6 @@ def run_lanes(profile: dict, runs: Path, experiment: str, heartbeat_s: float = 6
                 bad.append(f"{name} stage failed (see {log})")
         current.pop(index, None)
 
-    max_load = load_start
     with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
         futures = [pool.submit(lane_worker, i, jobs) for i, jobs in enumerate(lanes)]
         while not all(f.done() for f in futures):
@@ -331,19 +332,19 @@ def run_lanes(profile: dict, runs: Path, experiment: str, heartbeat_s: float = 6
                     f.result(timeout=heartbeat_s / max(len(futures), 1))
                 except TimeoutError:
                     pass
-            max_load = max(max_load, os.getloadavg()[0])
             if not all(f.done() for f in futures):
-                elapsed = (time.time() - started) / 60
+                elapsed = clock.elapsed() / 60
                 for index, (tag, log) in sorted(current.items()):
                     say(f"[reproduce] {elapsed:5.1f} min  lane {index + 1} {tag}: "
                         f"{_last_progress(log)}")
         for f in futures:
             f.result()
+    clock.stop()
     if bad:
         raise SystemExit("; ".join(bad) + "; stopping")
     return {"lanes": [[m for m, _ in jobs] for jobs in lanes], "threads_per_job": profile["threads"],
-            "train_wall_s": round(time.time() - started, 1), "cores": os.cpu_count(),
-            "load_start": load_start, "load_max": round(max_load, 2),
+            "train_wall_s": round(clock.elapsed(), 1), "cores": os.cpu_count(),
+            "load_start": clock.load_start, "load_max": round(clock.load_max, 2),
             "load_end": os.getloadavg()[0]}
 
 
