@@ -67,8 +67,8 @@ reproduce-regularisation: install data ## RNODE / TayNODE penalties on the Table
 reproduce-preset: install ## any preset of conf/experiment: make reproduce-preset NAME=seed001_dynamics PROFILE=tiny (nodebench reproduce)
 	$(VENV)/bin/nodebench reproduce $(NAME) profile=$(PROFILE)
 
-reproduce-gradients: install data ## every gradient mode on the ODE-Net (MNIST) and the annulus: error, NFE, memory, time -> results/gradients*
-	$(PY) -m nodebench.experiments.gradients --profile $(PROFILE)
+reproduce-gradients: install data ## every gradient mode on the ODE-Net (MNIST) and the annulus: error, NFE, memory, time (nodebench reproduce gradient_modes) -> results/gradients*
+	$(VENV)/bin/nodebench reproduce gradient_modes profile=$(PROFILE)
 
 bench: install ## seconds per iteration: nodebench vs a hand-written loop, instruments on vs off (BENCH_ARGS=--schedule: the cpu profile's schedule)
 	$(PY) -m nodebench.bench $(BENCH_ARGS)

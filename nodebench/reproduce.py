@@ -2,9 +2,9 @@
 
 ``NAME`` is a preset in ``conf/experiment/`` (``nodebench reproduce --list`` names them); its
 ``reproduce.sweep`` is run as one Hydra multirun of ``nodebench train experiment=NAME
-profile=P`` (``reproduce.launcher``: ``local`` runs the jobs in parallel processes), into
-``<paths.runs>/NAME-P/`` (a fixed folder: the same command again resumes unfinished runs and
-skips finished ones), and the report (:func:`nodebench.tables.write_report`, grouped by
+profile=P`` (a list of sweeps: one multirun per part, one after another; ``reproduce.launcher``:
+``local`` runs the jobs of a multirun in parallel processes), into ``<paths.runs>/NAME-P/``
+(a fixed folder: the same command again resumes unfinished runs and skips finished ones), and the report (:func:`nodebench.tables.write_report`, grouped by
 ``reproduce.report.by``, and the preset's own ``reproduce.report.builder(runs, results,
 profile)`` where it has one) is written from those run records into ``results/F`` (profile
 cpu), ``results/F-P`` (paper, gpu) or ``<paths.runs>/F-tiny-results`` (tiny: never into the
@@ -71,9 +71,9 @@ def _is_sweep(override: str) -> bool:
         return False
 
 
-def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
-    """The ``nodebench train -m`` arguments of a reproduction, its sweep folder, its results
-    folder and its report spec. Raises ConfigError for an unknown preset or profile."""
+def plan(name: str, args: list[str]) -> tuple[list[list[str]], Path, Path, dict]:
+    """The ``nodebench train -m`` arguments of a reproduction (one list per sweep part, run one
+    after another), its sweep folder, its results folder and its report spec. Raises ConfigError for an unknown preset or profile."""
     if name not in presets():
         raise ConfigError(f"unknown experiment {name!r}; choose one of: {', '.join(presets())}")
     profile = next((a.split("=", 1)[1] for a in args if a.startswith("profile=")), "cpu")
@@ -88,26 +88,44 @@ def plan(name: str, args: list[str]) -> tuple[list[str], Path, Path, dict]:
     runs = Path(str(cfg.paths.runs))
     sweep_dir = runs / group
     given = {a.split("=", 1)[0].lstrip("+~") for a in rest}
-    sweep = [f"{k}={_sweep_value(v)}" for k, v in cfg.reproduce.sweep.items() if k not in given]
     launcher = cfg.reproduce.get("launcher")
     launch = [f"hydra/launcher={launcher}"] if launcher and "hydra/launcher" not in given else []
     # reproduce.overrides: group choices a profile makes (its defaults list cannot), before the
     # command line's, which win
     extra = [str(o) for o in cfg.reproduce.get("overrides") or []
              if str(o).split("=", 1)[0].lstrip("+~") not in given]
-    train_args = ["-m", *base, f"group={group}", f"hydra.sweep.dir={sweep_dir}", *launch,
-                  *extra, *sweep, *rest]
+    # reproduce.sweep: one mapping (one multirun) or a list of them (parts: multiruns one after
+    # another into the same folder, e.g. the gradient study's MNIST and toy runs, whose seeds and
+    # optimisers differ)
+    parts = _sweep_parts(cfg.reproduce.sweep)
+    train_args = [["-m", *base, f"group={group}", f"hydra.sweep.dir={sweep_dir}", *launch,
+                   *extra, *[f"{k}={_sweep_value(v)}" for k, v in part.items() if k not in given],
+                   *rest] for part in parts]
     report = {"by": list(cfg.reproduce.report.by), "metrics": list(cfg.reproduce.report.metrics),
               "builder": cfg.reproduce.report.get("builder"), "profile": profile,
               "after": [str(a) for a in cfg.reproduce.get("after") or []],
               # a preset without a sweep (a measurement: seed000_expressivity) trains nothing
-              "train": bool(cfg.reproduce.sweep),
+              "train": bool(parts),
               "threads": cfg.trainer.get("threads"),
               # the config the stages after the sweep read: the jobs' own (profile overrides too)
               "stage_args": [*base, *extra, *single]}
     # reproduce.folder: the results folder's name when it is not the preset's (e.g. cnf/density)
     folder = cfg.reproduce.get("folder") or name
     return train_args, sweep_dir, results_folder(folder, profile, runs), report
+
+
+def _sweep_parts(sweep) -> list[dict]:
+    """``reproduce.sweep`` as a list of sweeps (key -> values), empty ones left out. Raises
+    ConfigError for anything but a mapping or a list of mappings."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if sweep is None:
+        return []
+    items = list(sweep) if isinstance(sweep, (ListConfig, list)) else [sweep]
+    if not all(isinstance(i, (DictConfig, dict)) for i in items):
+        raise ConfigError("reproduce.sweep must be a mapping (key: values) or a list of mappings")
+    return [dict(OmegaConf.to_container(i, resolve=False)) if isinstance(i, DictConfig) else
+            dict(i) for i in items if len(i)]
 
 
 class LoadClock:
@@ -139,7 +157,7 @@ class LoadClock:
 
 
 def _jobs(train_args: list[str]) -> int:
-    """How many training jobs ran at a time (hydra.launcher.n_jobs, else 1)."""
+    """How many training jobs ran at a time (hydra.launcher.n_jobs, else 1) in one sweep part."""
     for a in reversed(train_args):
         if a.startswith("hydra.launcher.n_jobs="):
             n = int(a.split("=", 1)[1])
@@ -163,8 +181,12 @@ def main(args: list[str]) -> int:
     train_args, sweep_dir, results, report = plan(name, rest)
     clock = LoadClock()
     if report["train"]:
-        print(f"[reproduce] nodebench train {' '.join(train_args)}", flush=True)
-        code = cmd_train(train_args)
+        code = 0
+        for part in train_args:  # a failed run does not stop the next part; bad input does
+            print(f"[reproduce] nodebench train {' '.join(part)}", flush=True)
+            code = max(code, cmd_train(part))
+            if code == 2:
+                return code
         if not any(sweep_dir.rglob("summary.json")):
             print(f"nodebench: error: no run records under {sweep_dir}/", file=sys.stderr)
             return code or 1
@@ -185,7 +207,8 @@ def main(args: list[str]) -> int:
         # what a report's schedule line states (nodebench.report.schedule_line)
         results.mkdir(parents=True, exist_ok=True)
         (results / "reproduce.json").write_text(json.dumps({
-            "preset": name, "profile": report["profile"], "jobs": _jobs(train_args),
+            "preset": name, "profile": report["profile"],
+            "jobs": max((_jobs(a) for a in train_args), default=1),
             "threads_per_job": report["threads"],
             "sweep_wall_s": round(sweep_s, 1), "wall_s": round(clock.elapsed(), 1),
             "cores": os.cpu_count(), "load_start": clock.load_start,

@@ -221,12 +221,12 @@ def test_tiny_cnf_reproduction_reports_the_nll(runs_dir):
 def test_plan_gives_the_profiles_overrides_before_the_command_lines():
     from nodebench.reproduce import plan
 
-    args, _, results, report = plan("finlay2020_regularisation", ["profile=tiny"])
+    (args,), _, results, report = plan("finlay2020_regularisation", ["profile=tiny"])
     assert "dataset=synthetic" in args and "penalties=none,rnode,taynode" in args
     assert "hydra/launcher=local" in args and report["builder"].endswith("regularisation_report.report")
-    args, _, results, _ = plan("finlay2020_regularisation", ["profile=tiny", "dataset=mnist"])
+    (args,), _, results, _ = plan("finlay2020_regularisation", ["profile=tiny", "dataset=mnist"])
     assert "dataset=synthetic" not in args and args[-1] == "dataset=mnist"
-    args, _, results, _ = plan("finlay2020_regularisation", [])
+    (args,), _, results, _ = plan("finlay2020_regularisation", [])
     assert "dataset=synthetic" not in args and "seed=0,1" in args
     assert str(results) == "results/regularisation/mnist"
 

@@ -1,9 +1,9 @@
 """Tables and figures of `make reproduce-gradients` (issue 14), read only from the run records.
 
-Inputs: ``<runs>/<mode>_s<seed>/`` (summary.json, metrics.csv of ``nodebench train``),
-``<runs>/toys/*/`` (summary.json, history.csv of ``fit_toy``), ``<results>/tolerance.csv``
-and ``<results>/reproduce.json``. Outputs in ``<results>``: ``mnist.md/.csv``, ``toys.md/.csv``,
-``tolerance.md``, ``error_vs_time.png``, ``gradient_error_vs_tolerance.png``.
+Inputs: the run records of ``nodebench reproduce gradient_modes``
+(``<runs>/<dataset>_<mode>_s<seed>/``: summary.json, metrics.csv), ``<results>/tolerance.csv``
+(its tolerance stage) and ``<results>/reproduce.json``. Outputs in ``<results>``: ``tables.md``,
+``mnist.csv``, ``toys.csv``, ``error_vs_time.png``, ``gradient_error_vs_tolerance.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..report import _fmt as _mean_std
-from .gradients import CLAIMS, MODES
+from .gradients import CLAIMS, MODES, mode_of
+
+IMAGE_DATASETS = ("mnist", "synthetic")  # the ODE-Net part of the study (synthetic: profile tiny)
 
 
 def _sci(value) -> str:
@@ -29,16 +31,27 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def mnist_runs(runs: Path) -> list[tuple[str, dict, pd.DataFrame]]:
-    """``(mode, summary, metrics)`` of each MNIST run of the comparison, in :data:`MODES` order."""
+def study_runs(runs: Path) -> list[tuple[str, str, dict, pd.DataFrame]]:
+    """``(dataset, mode, summary, metrics)`` of every run record under ``runs`` (the preset's
+    sweep folder: ``<dataset>_<mode>_s<seed>/``), the mode told by its config
+    (:func:`~nodebench.experiments.gradients.mode_of`), in :data:`MODES` order, then by folder."""
     found = []
-    for mode in MODES:
-        for run_dir in sorted(runs.glob(f"{mode}_s*")):
-            summary = _read(run_dir / "summary.json")
-            if summary is None or not (run_dir / "metrics.csv").exists():
-                continue
-            found.append((mode, summary, pd.read_csv(run_dir / "metrics.csv")))
-    return found
+    for path in sorted(Path(runs).glob("*/summary.json")):
+        summary = _read(path)
+        if summary is None or not isinstance(summary.get("config"), dict):
+            continue
+        mode = mode_of(summary["config"])
+        metrics_path = path.parent / "metrics.csv"
+        if mode not in MODES or not metrics_path.exists():
+            continue
+        found.append((summary.get("dataset"), mode, summary, pd.read_csv(metrics_path)))
+    return sorted(found, key=lambda r: MODES.index(r[1]))
+
+
+def mnist_runs(runs: Path) -> list[tuple[str, dict, pd.DataFrame]]:
+    """``(mode, summary, metrics)`` of each image run of the comparison (MNIST; synthetic images
+    at profile tiny), in :data:`MODES` order."""
+    return [(m, s, f) for d, m, s, f in study_runs(runs) if d in IMAGE_DATASETS]
 
 
 def _train_seconds(metrics: pd.DataFrame) -> pd.Series:
@@ -88,20 +101,24 @@ def _cos(value) -> str:
 
 
 def toy_runs(runs: Path) -> pd.DataFrame:
-    """One row per toy run (summary.json fields plus mean s/iteration and last-epoch NFE)."""
+    """One row per annulus run: mode, seed, status, the last epoch's training loss, test
+    accuracy and NFE per iteration, the gradient errors, wall time and mean s/iteration."""
     rows = []
-    for run_dir in sorted((runs / "toys").glob("*")):
-        s = _read(run_dir / "summary.json")
-        if s is None or "mode" not in s:
+    for dataset, mode, s, metrics in study_runs(runs):
+        if dataset in IMAGE_DATASETS:
             continue
-        row = {k: s.get(k) for k in ("mode", "seed", "status", "final_train_loss",
-                                     "test_accuracy", "nfe_forward_last_epoch",
-                                     "nfe_backward_last_epoch", "grad_rel_error_init",
-                                     "grad_cosine_init", "grad_rel_error_final",
-                                     "grad_cosine_final", "wall_time_s", "iterations")}
-        hist = run_dir / "history.csv"
-        row["iter_s"] = pd.read_csv(hist)["seconds"].mean() if hist.exists() else None
-        rows.append(row)
+        last = metrics.iloc[-1] if len(metrics) else {}
+        rows.append({
+            "mode": mode, "seed": s.get("seed"), "status": s.get("status"),
+            "final_train_loss": last.get("train_loss") if len(metrics) else None,
+            "test_accuracy": s.get("test_accuracy"),
+            "nfe_forward_last_epoch": last.get("nfe_forward") if len(metrics) else None,
+            "nfe_backward_last_epoch": last.get("nfe_backward") if len(metrics) else None,
+            **{k: s.get(k) for k in ("grad_rel_error_init", "grad_cosine_init",
+                                     "grad_rel_error_final", "grad_cosine_final",
+                                     "wall_time_s")},
+            "iterations": int(metrics["iterations"].sum()) if len(metrics) else 0,
+            "iter_s": metrics["iter_s"].mean() if len(metrics) else None})
     return pd.DataFrame(rows)
 
 
@@ -133,14 +150,14 @@ def tolerance_table(tol: pd.DataFrame) -> str:
                                   else f"{r['rel_error']:.1e} ({r['nfe_forward']:.0f}/"
                                        f"{r['nfe_backward']:.0f})"), axis=1)
         table = (g.assign(cell=cell).pivot(index="mode", columns="tol", values="cell")
-                 .reindex([m for m in MODES if m in set(g["mode"])]))
+                 .reindex([m for m in MODES if m in set(g["mode"])])
+                 .sort_index(axis=1, ascending=False))  # loose to tight
         table.columns = [f"tol {c:.0e}" for c in table.columns]
         parts.append(f"### {model}\n\n{table.to_markdown()}\n")
     return "\n".join(parts)
 
 
-def _figures(found, toys: pd.DataFrame, runs: Path, tol: pd.DataFrame | None,
-             results: Path) -> list[str]:
+def _figures(found, runs: Path, tol: pd.DataFrame | None, results: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,17 +171,14 @@ def _figures(found, toys: pd.DataFrame, runs: Path, tol: pd.DataFrame | None,
     axes[0].set(xlabel="training time (s, one thread)", ylabel="test error (%)",
                 title="ODE-Net on MNIST: test error against training time", yscale="log")
     axes[0].legend()
-    for mode in MODES:
-        losses = []
-        for run_dir in sorted((runs / "toys").glob(f"*_{mode}_s*")):
-            hist = run_dir / "history.csv"
-            if hist.exists():
-                h = pd.read_csv(hist)
-                losses.append((h["seconds"].cumsum(), h["loss"].rolling(20, min_periods=1).mean()))
-        for i, (t, loss) in enumerate(losses):
-            axes[1].plot(t, loss, color=f"C{list(MODES).index(mode)}",
-                         label=mode if i == 0 else None, alpha=0.8)
-    axes[1].set(xlabel="training time (s, one thread)", ylabel="train loss (MSE, 20-it mean)",
+    labelled = set()
+    for dataset, mode, _, metrics in study_runs(runs):
+        if dataset in IMAGE_DATASETS or not len(metrics):
+            continue
+        axes[1].plot(_train_seconds(metrics), metrics["train_loss"], "o-", alpha=0.8,
+                     color=f"C{MODES.index(mode)}", label=None if mode in labelled else mode)
+        labelled.add(mode)
+    axes[1].set(xlabel="training time (s, one thread)", ylabel="train loss (MSE, epoch mean)",
                 title="annulus NODE: loss against training time", yscale="log")
     axes[1].legend()
     fig.tight_layout()
@@ -180,7 +194,7 @@ def _figures(found, toys: pd.DataFrame, runs: Path, tol: pd.DataFrame | None,
                 r = g[(g["mode"] == mode) & g["rel_error"].notna()]
                 if len(r):
                     ax.plot(r["tol"], r["rel_error"], "o-", label=mode,
-                            color=f"C{list(MODES).index(mode)}")
+                            color=f"C{MODES.index(mode)}")
             ax.set(xscale="log", yscale="log", xlabel="rtol = atol", ylabel="relative error of "
                    "the parameter gradient", title=f"{model}, at initialisation")
             ax.invert_xaxis()
@@ -192,26 +206,28 @@ def _figures(found, toys: pd.DataFrame, runs: Path, tol: pd.DataFrame | None,
     return made
 
 
-def report(runs: Path, results: Path, profile: str = "cpu", description: str = "") -> None:
-    """Write the comparison's tables and figures into ``results`` (see the module docstring)."""
+def report(runs: Path, results: Path, profile: str = "cpu") -> None:
+    """Write the comparison's tables and figures into ``results`` (see the module docstring);
+    the budget line is the profile's ``reproduce.description`` (conf/experiment/gradient_modes.yaml
+    and its profiles)."""
+    from .. import config as C
+    from ..report import schedule_line
+
+    runs, results = Path(runs), Path(results)
     results.mkdir(parents=True, exist_ok=True)
+    description = str(C.compose(["experiment=gradient_modes", f"profile={profile}"])
+                      .reproduce.description).strip()
     found = mnist_runs(runs)
     table, budget = mnist_table(found)
     toys = toy_runs(runs)
     tol_path = results / "tolerance.csv"
     tol = pd.read_csv(tol_path) if tol_path.exists() else None
-    schedule = _read(results / "reproduce.json") or {}
     header = [f"# Gradient modes compared (profile `{profile}`)", "",
-              f"Budget: {description}." if description else ""]
-    if schedule:
-        header.append(f"Schedule: lanes {schedule.get('lanes')}, {schedule.get('threads_per_job')} "
-                      f"thread(s) per job, {schedule.get('cores')} cores; wall time "
-                      f"{schedule.get('wall_s', 0) / 60:.1f} min; 1-minute load at start "
-                      f"{schedule.get('load_start', 0):.2f}, max {schedule.get('load_max', 0):.2f}.")
+              f"Budget: {description}.", schedule_line(results)]
     if found:
-        s0 = found[0][1]
+        s0, iterations = found[0][1], int(found[0][2]["iterations"].sum())
         header.append(f"MNIST runs: {s0.get('train_size')} training / {s0.get('test_size')} test "
-                      f"images, {s0.get('iterations', '?')} iterations, device {s0.get('device')}, "
+                      f"images, {iterations} iterations, device {s0.get('device')}, "
                       f"{s0.get('threads')} thread(s); equal wall time T = {budget:.0f} s of "
                       "training (the fastest mode's total).")
     text = ["\n".join(h for h in header if h is not None), "",
@@ -228,7 +244,7 @@ def report(runs: Path, results: Path, profile: str = "cpu", description: str = "
                  ("Relative error of the parameter gradient against a float64 dopri5 1e-9 "
                   "direct-backprop reference on one fixed batch (NFE forward / backward)."), "",
                  tolerance_table(tol)]
-    figures = _figures(found, toys, runs, tol, results)
+    figures = _figures(found, runs, tol, results)
     text += ["Figures: " + ", ".join(f"`{f}`" for f in figures), ""]
     (results / "tables.md").write_text("\n".join(text))
     print(f"[report] wrote {results / 'tables.md'}", flush=True)
