@@ -298,7 +298,9 @@ def n_params(module: nn.Module) -> int:
 class TrajectoryODE(nn.Module):
     """The ODE-Net of the trajectory fits: ``forward(y0, t)`` solves dy/dt = f(y) from the states
     y0 (B, dim) over the times t (T,) and returns (T, B, dim); f is an :class:`ODEFunc` with
-    hidden widths ``hidden`` (``[50]``: the seed's 2-50-2, ``[150, 50, 50]``: its deep net)."""
+    hidden widths ``hidden`` (``[50]``: the seed's 2-50-2, ``[150, 50, 50]``: its deep net).
+    ``solver`` and ``gradient`` are read at every solve: the gradient-error reference rewires
+    them (:func:`nodebench.validity.solve_modules`)."""
 
     def __init__(self, dim: int, solver: Solver, gradient: Gradient,
                  hidden: tuple[int, ...] | list[int] = (50,)) -> None:

@@ -310,6 +310,9 @@ class LatentODE(nn.Module):
     whole batch: the solver's step control sees all spirals) and each spiral's observed points
     are gathered from it; this is exact, needs no union of times, and the extrapolation is the
     same solve continued over the rest of the grid.
+
+    ``solver`` and ``gradient`` are read at every solve: the gradient-error reference rewires
+    them (:func:`nodebench.validity.solve_modules`).
     """
 
     def __init__(self, solver: Solver, gradient: Gradient, latent: int = 4, rec_hidden: int = 25,
@@ -328,19 +331,28 @@ class LatentODE(nn.Module):
         return odesolve(self.func, z0, grid, self.solver, self.gradient).transpose(0, 1)
 
     def decode_grid(self, x: torch.Tensor, t: torch.Tensor, grid: torch.Tensor,
-                    sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode the observations, draw z0 (reparameterised; the mean when ``sample`` is
-        False), solve and decode on ``grid``. Returns (decoded (B, T, 2), mean, logvar)."""
+                    sample: bool, eps: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode the observations, draw z0 (reparameterised, z0 = mean + eps * std; the mean
+        when ``sample`` is False), solve and decode on ``grid``. ``eps`` (B, latent): the
+        standard normal draw to use; None (training): ``torch.randn_like(mean)`` from the global
+        RNG. Returns (decoded (B, T, 2), mean, logvar)."""
         mean, logvar = self.encoder(x, t)
-        z0 = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+        if sample:
+            noise = torch.randn_like(mean) if eps is None else eps
+            z0 = mean + noise * torch.exp(0.5 * logvar)
+        else:
+            z0 = mean
         return self.decoder(self.trajectory(z0, grid)), mean, logvar
 
     def elbo(self, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, grid: torch.Tensor,
-             obs_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+             obs_std: float, eps: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-spiral Gaussian log-likelihood of the observed points (summed over points and
-        coordinates; fixed ``obs_std``) and KL(q(z0) || N(0, I)), one reparameterised sample.
+        coordinates; fixed ``obs_std``) and KL(q(z0) || N(0, I)), one reparameterised sample
+        (its standard normal draw ``eps`` (B, latent) when given, see :meth:`decode_grid`).
         ELBO = loglik - kl. ``idx`` (B, n) are the observations' grid indices."""
-        decoded, mean, logvar = self.decode_grid(x, t, grid, sample=True)
+        decoded, mean, logvar = self.decode_grid(x, t, grid, sample=True, eps=eps)
         pred = gather_points(decoded, idx)
         loglik = gaussian_log_likelihood(x, pred, obs_std).sum(dim=(1, 2))
         return loglik, kl_standard_normal(mean, logvar)

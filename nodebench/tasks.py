@@ -11,8 +11,15 @@ checkpoint and resume). Every task has the same methods:
   scalar that is optimised (a mean over the batch) and the sums behind ``train_columns``;
 * ``evaluate(model, batch_size) -> (metrics, batches)``: ``eval_columns`` on the test data, under
   ``torch.no_grad``; ``target`` is the column whose best (lowest) value the summary reports;
-* ``check_batch(size)``: the fixed inputs and targets of the solve-validity and gradient-error
-  checks (:mod:`nodebench.validity`), or None where the model has no ODE block they apply to;
+* ``check_batch(size)``: the fixed inputs and targets of the solve-validity checks of ODE blocks
+  (:mod:`nodebench.validity`; with ``check_loss(out, y)``, also of the gradient-modes study), or
+  None where the model has no ODE block they apply to;
+* ``check_objective(size)``: the loss of the gradient-error check
+  (:func:`nodebench.validity.gradient_error_of`), an ``objective(module, dtype)`` that computes
+  the task's own training loss on a fixed batch of ``size`` items (inputs cast to ``dtype``; no
+  random numbers drawn from the global RNG), or None where the check does not apply. The loop
+  runs it for every model with a module that carries a solve
+  (:func:`nodebench.validity.solve_modules`), ODE blocks or not;
 * ``save_artifacts(model, run_dir)``: what a report draws figures from (optional).
 
 The task is chosen by the dataset: ``dataset.task`` (a ``_target_`` node) in ``conf/dataset/``;
@@ -113,6 +120,14 @@ class Classification:
 
     check_loss = staticmethod(nn.functional.cross_entropy)
 
+    def check_objective(self, size: int):
+        """The gradient-error check's loss: cross-entropy on :meth:`check_batch` (the first
+        ``size`` test images)."""
+        from .validity import batch_objective
+
+        x, y = self.check_batch(size)
+        return batch_objective(x, y, self.check_loss)
+
     def save_artifacts(self, model: nn.Module, run_dir: Path) -> None:
         return None
 
@@ -194,6 +209,14 @@ class PointRegression:
     def check_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(out, y)
 
+    def check_objective(self, size: int):
+        """The gradient-error check's loss: the training loss (``mse`` or ``smooth_l1``) on
+        :meth:`check_batch` (the first ``size`` test points)."""
+        from .validity import batch_objective
+
+        x, y = self.check_batch(size)
+        return batch_objective(x, y, self.check_loss)
+
     def save_artifacts(self, model: nn.Module, run_dir: Path) -> None:
         d = self.data
         with torch.no_grad():
@@ -220,9 +243,11 @@ class TrajectoryFit:
     ``eval_max_num_steps`` steps) and reports the MSE against the truth in the training window
     (``fit_mse``) and after it (``extrap_mse``), and each divided by the variance of the truth in
     the window (``fit_rel``, ``extrap_rel``; dimensionless). No ODE block: :meth:`validity`
-    checks the learned field's solve from y0.
+    checks the learned field's solve from y0, and :meth:`check_objective` gives the gradient-error
+    check the training loss on a fixed batch of sub-trajectories.
     """
 
+    check_seed = 0  # seeds the generator that draws the gradient-error check's sub-trajectories
     name = "trajectory"
     train_columns = ()
     eval_columns = ("fit_mse", "fit_rel", "extrap_mse", "extrap_rel", "fit_var", "extrap_var")
@@ -293,10 +318,31 @@ class TrajectoryFit:
             raise SolverFailure("non-finite learned trajectory")
         return trajectory_errors(self.data.y, pred.double(), self.data.train_end), 1
 
-    def check_batch(self, size: int) -> None:
+    def check_batch(self, size: int) -> None:  # no ODE block: see validity(), check_objective()
         return None
 
     check_loss = None
+
+    def check_objective(self, size: int):
+        """The gradient-error check's loss: the training loss (``l1`` or ``mse``, :meth:`loss`)
+        on one fixed batch of ``size`` sub-trajectories of ``batch_time`` consecutive observed
+        points of the training window, drawn as a training batch is
+        (:func:`nodebench.dynamics.sub_trajectories`; fewer when the window has fewer starts) but
+        from a generator seeded with :attr:`check_seed`, so that initialisation, end and
+        reference see the same batch and the loop's generator and the global RNG are not
+        touched. The start states and targets (B, 2), (B, T, 2) are cast to the module's dtype;
+        the times (grid offsets times ``dt``) follow them."""
+        from .dynamics import sub_trajectories
+
+        d = self.data
+        y0, union, pos, target = sub_trajectories(
+            d.obs_train, d.y_train, self.batch_time, int(size),
+            torch.Generator().manual_seed(self.check_seed))
+
+        def objective(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+            return self.loss(module, (y0.to(dtype), union, pos, target.to(dtype)))[0]
+
+        return objective
 
     def validity(self, model: nn.Module, threshold: float) -> dict:
         """The solve checks (:func:`nodebench.validity.solve_validity`) of the learned field's
@@ -329,10 +375,13 @@ class LatentSequence:
     observation per predicted point. Evaluation on the test spirals: ``test_rmse`` (predictive
     RMSE of the extrapolation window against the noisy points: Table 2's number),
     ``test_rmse_clean`` (against the noise-free curve) and ``recon_rmse`` (at the observed points).
-    The latent ODE calls ``odesolve`` itself (no ODE block): :meth:`validity` checks its solve.
+    The latent ODE calls ``odesolve`` itself (no ODE block): :meth:`validity` checks its solve,
+    and :meth:`check_objective` gives the gradient-error check the negative ELBO with its
+    reparameterisation noise fixed.
     ``save_artifacts`` writes ``predictions.pt`` (``keep`` test spirals) for the report's figure.
     """
 
+    check_seed = 0  # seeds the gradient-error check's reparameterisation noise
     name = "latent"
     train_columns = ()
     eval_columns = ("test_rmse", "test_rmse_clean", "recon_rmse")
@@ -363,12 +412,17 @@ class LatentSequence:
         for start in range(0, self.train_size - batch_size + 1, batch_size):
             yield self.data.obs[order[start:start + batch_size].to(self.data.obs.x.device)]
 
-    def loss(self, model: nn.Module, obs) -> tuple[torch.Tensor, None]:
+    def loss(self, model: nn.Module, obs,
+             eps: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """The latent ODE's negative ELBO, mean over the spirals (its reparameterisation draw
+        ``eps`` (B, latent) when given, else from the global RNG), or an RNN's NLL. The window's
+        grid is cast to the observations' dtype."""
         from .latent import LatentODE
 
         if isinstance(model, LatentODE):
             s = self.data.spirals
-            loglik, kl = model.elbo(obs.x, obs.t, obs.idx, s.t[s.window], self.obs_std)
+            grid = s.t[s.window].to(obs.x.dtype)
+            loglik, kl = model.elbo(obs.x, obs.t, obs.idx, grid, self.obs_std, eps=eps)
             return -(loglik - kl).mean(), None
         return model.nll(obs.x, obs.t), None
 
@@ -387,11 +441,42 @@ class LatentSequence:
                 "test_rmse_clean": rmse(p["extrap"], s.clean[s.test][:, s.extrap]),
                 "recon_rmse": rmse(p["recon"], p["recon_target"])}, 1
 
-    def check_batch(self, size: int) -> None:
+    def check_batch(self, size: int) -> None:  # no ODE block: see validity(), check_objective()
         return None
 
     check_loss = None
     check_size = 64
+
+    def check_objective(self, size: int):
+        """The gradient-error check's loss: the training loss (:meth:`loss`, the negative ELBO
+        per spiral, mean over the batch) on the observations of the first ``size`` test spirals
+        (those of :meth:`validity`), with the reparameterisation noise fixed.
+
+        The ELBO's one-sample estimate is stochastic; the check needs a deterministic function of
+        the weights that the run's model and its float64 reference evaluate alike. So the
+        standard normal draw eps (B, latent) is drawn on every call from a fresh generator seeded
+        with :attr:`check_seed`, in float64, and cast to the module's dtype: both forwards see
+        z0 = mean + eps * exp(logvar / 2) with the same eps (up to float32 rounding), and the
+        gradient is the one a training step with that draw would follow. The global RNG is not
+        touched. The observations (B, n, 2), their times (B, n) and the grid are cast to the
+        module's dtype. For an RNN baseline: its NLL (no noise; it has no solve, so the loop
+        does not run the check)."""
+        from .latent import LatentODE
+
+        c = self.data.spirals.config
+        rows = torch.arange(c.n_train, min(c.n_train + int(size), c.n_spirals))
+        obs = self.data.obs[rows.to(self.data.obs.x.device)]
+
+        def objective(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+            cast = dataclasses.replace(obs, t=obs.t.to(dtype), x=obs.x.to(dtype))
+            eps = None
+            if isinstance(module, LatentODE):
+                gen = torch.Generator().manual_seed(self.check_seed)
+                eps = torch.randn((len(rows), module.latent), generator=gen,
+                                  dtype=torch.float64).to(device=cast.x.device, dtype=dtype)
+            return self.loss(module, cast, eps=eps)[0]
+
+        return objective
 
     def validity(self, model: nn.Module, threshold: float) -> dict | None:
         """The solve checks (:func:`nodebench.validity.solve_validity`) of the latent ODE's
@@ -443,6 +528,11 @@ class _FlowTask:
         return None
 
     check_loss = None
+
+    def check_objective(self, size: int) -> None:
+        """No gradient-error check for the flows (not implemented: a CNF's loss draws trace
+        noise and its penalties are not dropped by the reference)."""
+        return None
 
     def count(self, batch: torch.Tensor, out: None) -> dict:
         return {"seen": int(batch.shape[0])}

@@ -53,7 +53,13 @@ from .instruments import (
 )
 from .models.blocks import count_parameters
 from .regularisers import take_penalties
-from .validity import DEFAULT_THRESHOLD, gradient_error, model_validity, ode_blocks
+from .validity import (
+    DEFAULT_THRESHOLD,
+    gradient_error_of,
+    model_validity,
+    ode_blocks,
+    solve_modules,
+)
 
 log = logging.getLogger("nodebench")
 
@@ -722,15 +728,21 @@ def _validity_check(model: torch.nn.Module, task, inst) -> dict:
 
 
 def _gradient_check(model: torch.nn.Module, task, inst) -> dict | None:
-    """Gradient error (``trainer.instruments.gradient_error``) of ``model`` on the fixed batch
-    against the float64 1e-9 direct-backprop reference (:func:`nodebench.validity.
-    gradient_error`), with the seconds it took; None when off or without ODE blocks."""
-    if not inst.get("gradient_error", True) or not ode_blocks(model) \
-            or task.check_batch(1) is None:
+    """Gradient error (``trainer.instruments.gradient_error``) of ``model`` against the float64
+    1e-9 direct-backprop reference (:func:`nodebench.validity.gradient_error_of`) for the task's
+    own loss on its fixed batch of ``gradient_error_batch`` items (``task.check_objective``:
+    test images or points, the dynamics' sub-trajectories, the latent ODE's ELBO with fixed
+    noise), with the seconds it took; None when off, when no module of the model carries a
+    solve (:func:`nodebench.validity.solve_modules`: ODE blocks, or models that call the solver
+    themselves) or when the task has no check objective. Draws no random numbers from the
+    global RNG or the loop's generator."""
+    if not inst.get("gradient_error", True) or not solve_modules(model):
         return None
     watch = time.perf_counter()
-    x, y = task.check_batch(int(inst.get("gradient_error_batch", 16)))
-    found = gradient_error(model, x, y, loss_fn=task.check_loss)
+    objective = task.check_objective(int(inst.get("gradient_error_batch", 16)))
+    if objective is None:
+        return None
+    found = gradient_error_of(model, objective)
     if found["failure"]:
         log.warning("gradient error check: %s", found["failure"])
     return {**found, "time_s": time.perf_counter() - watch}

@@ -13,7 +13,12 @@ each observed from outside the model (nothing here is called by model code):
   requires it of every result and finds that at tolerance 1e-3 no trained image model passes.
 * **Gradient error**: the run's parameter gradient of the loss (its solver, gradient mode and
   dtype) against a float64 direct-backprop reference through dopri5 at ``rtol = atol = 1e-9``,
-  at the same weights: relative error and cosine.
+  at the same weights: relative error and cosine. The reference rewires every module that
+  carries a solve (:func:`solve_modules`: a ``solver`` and ``gradient`` attribute pair), so it
+  applies to ODE blocks and to models that call the solver themselves (the dynamics nets'
+  :class:`~nodebench.dynamics.TrajectoryODE`, the :class:`~nodebench.latent.LatentODE`); the
+  loss is an *objective* ``objective(module, dtype)`` (:data:`Objective`), a task's training
+  loss on a fixed batch (``check_objective`` of :mod:`nodebench.tasks`).
 
 Errors are relative, in the 2-norm over all elements of the batch (:func:`relative_error`),
 dimensionless. A block's solve is **valid** when both its reference and its round-trip errors
@@ -40,6 +45,11 @@ REFERENCE_TOL = 1e-8            # rtol = atol of the reference solve (dopri5, fl
 GRADIENT_REFERENCE_TOL = 1e-9   # rtol = atol of the reference gradient (dopri5, float64, direct)
 REFERENCE_MAX_STEPS = 100_000   # a reference solve that needs more fails (reason recorded)
 DIRECT = Gradient("direct")
+# The loss of the gradient-error check: objective(module, dtype) -> scalar tensor, the loss of
+# ``module`` (the run's model, or its float64 reference copy) on one fixed batch, the batch's
+# floating-point inputs and targets cast to ``dtype`` (the module's). It must be deterministic
+# (any noise drawn the same way on every call) and leave the global RNG alone.
+Objective = Callable[[nn.Module, torch.dtype], torch.Tensor]
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -213,17 +223,57 @@ def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out, y)
 
 
+def solve_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module of ``model`` that carries an ODE solve, in module order.
+
+    The protocol (what :func:`reference_model` rewires): a module carries a solve when it has a
+    ``solver`` attribute (a :class:`~nodebench.solvers.Solver`) and a ``gradient`` attribute (a
+    :class:`~nodebench.solvers.Gradient`) and reads both at every forward, passing them to
+    :func:`~nodebench.solvers.odesolve` (or the penalised solve); a module that integrates
+    penalties in training mode also offers ``drop_penalties()`` (the plain solve from then on).
+    Carriers: :class:`~nodebench.models.blocks.ODEBlock` (image, toy and shapes models), the
+    dynamics nets' :class:`~nodebench.dynamics.TrajectoryODE`, the
+    :class:`~nodebench.latent.LatentODE`, a :class:`~nodebench.cnf.CNF`. Modules nested in a
+    carrier are listed too (a carrier holding ODE blocks: both).
+    """
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "solver", None), Solver)
+            and isinstance(getattr(m, "gradient", None), Gradient)]
+
+
 def reference_model(model: nn.Module, tol: float = GRADIENT_REFERENCE_TOL,
                     max_num_steps: int | None = REFERENCE_MAX_STEPS) -> nn.Module:
-    """A float64 copy of ``model`` (``copy.deepcopy``, same weights) whose every ODE block solves
-    with dopri5 at ``rtol = atol = tol`` and takes gradients by direct backprop."""
+    """A float64 copy of ``model`` (``copy.deepcopy``, same weights) whose every module that
+    carries a solve (:func:`solve_modules`: ODE blocks, and models that call the solver
+    themselves such as the latent ODE) solves with dopri5 at ``rtol = atol = tol`` and takes
+    gradients by direct backprop, without penalties (``drop_penalties()`` where a module has
+    it)."""
     ref = copy.deepcopy(model).double()
     solver = reference_solver(tol, max_num_steps)
-    for block in ode_blocks(ref):
-        block.solver = solver
-        block.gradient = DIRECT
-        block.drop_penalties()  # RNODE / TayNODE terms: the exact gradient of the plain loss
+    for module in solve_modules(ref):
+        module.solver = solver
+        module.gradient = DIRECT
+        drop = getattr(module, "drop_penalties", None)
+        if callable(drop):
+            drop()  # RNODE / TayNODE terms: the exact gradient of the plain loss
     return ref
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first floating-point parameter (the default dtype if none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                torch.get_default_dtype())
+
+
+def batch_objective(x: torch.Tensor, y: torch.Tensor,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy,
+                    ) -> Objective:
+    """The :data:`Objective` ``loss_fn(module(x), y)`` of a model called on one input batch
+    ``x`` (B, ...) (cast to the module's dtype; ``y`` as given, e.g. class indices (B,))."""
+    def objective(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        return loss_fn(module(x.to(dtype)), y)
+
+    return objective
 
 
 def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -231,13 +281,34 @@ def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    tol: float = GRADIENT_REFERENCE_TOL,
                    max_num_steps: int | None = REFERENCE_MAX_STEPS) -> dict:
     """Error of the run's parameter gradient against a float64, tight-tolerance direct-backprop
-    reference at the same weights, on one batch.
+    reference at the same weights, on one batch: :func:`gradient_error_of` with the objective
+    ``loss_fn(model(x), y)`` (:func:`batch_objective`).
 
     Args:
         model: the trained (or initial) model, with its own solvers and gradient modes.
         x, y: one batch: inputs (B, ...) and targets for ``loss_fn`` (class indices (B,) for the
             default cross-entropy). ``x`` is cast to float64 for the reference.
         loss_fn: ``loss_fn(model(x), y)`` -> scalar loss.
+        tol: rtol = atol of the reference (dopri5), default 1e-9.
+
+    Returns and cost as :func:`gradient_error_of`.
+    """
+    return gradient_error_of(model, batch_objective(x, y, loss_fn), tol, max_num_steps)
+
+
+def gradient_error_of(model: nn.Module, objective: Objective,
+                      tol: float = GRADIENT_REFERENCE_TOL,
+                      max_num_steps: int | None = REFERENCE_MAX_STEPS) -> dict:
+    """Error of the run's parameter gradient of ``objective`` against a float64,
+    tight-tolerance direct-backprop reference at the same weights (:func:`reference_model`).
+
+    Args:
+        model: the trained (or initial) model, with its own solvers and gradient modes; every
+            module that carries a solve (:func:`solve_modules`) is rewired in the reference.
+        objective: ``objective(module, dtype)`` -> scalar loss on one fixed batch
+            (:data:`Objective`); called as ``objective(model, <model's dtype>)`` and
+            ``objective(reference, torch.float64)``. Deterministic: any noise it uses must be
+            the same draw on both calls (e.g. from its own seeded generator).
         tol: rtol = atol of the reference (dopri5), default 1e-9.
 
     Both gradients are taken in train mode with ``torch.autograd.grad`` (the parameters' ``.grad``
@@ -247,8 +318,8 @@ def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     fails numerically both are None and ``failure`` gives the reason. For fixed-step methods the
     reference is still the exact flow's gradient, so the error includes the discretisation error.
     With RNODE / TayNODE penalties (``ODEBlock(penalties=...)``) the run's gradient is taken
-    through its penalised training solve (the gradient of ``loss_fn`` only; the penalty terms are
-    discarded) and the reference solves plainly.
+    through its penalised training solve (the gradient of the objective only; the penalty terms
+    are discarded) and the reference solves plainly.
     Cost: one training step of the run plus one float64 direct-backprop step at 1e-9 (memory
     O(NFE) of that solve: keep the batch small).
     """
@@ -262,18 +333,19 @@ def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             ref = reference_model(model, tol, max_num_steps)
             ref.train()
             ref_params = [p for p in ref.parameters() if p.requires_grad]
-            loss = loss_fn(model(x), y)
+            loss = objective(model, _dtype(model))
             g = _flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
             del loss
-            loss_ref = loss_fn(ref(x.double()), y)
+            loss_ref = objective(ref, torch.float64)
             g_ref = _flat_grad(torch.autograd.grad(loss_ref, ref_params, allow_unused=True),
                                ref_params)
     except Exception as exc:  # noqa: BLE001 - only numerical failures are kept
         return {"rel_error": None, "cosine": None, "failure": _numerical(exc)}
     finally:
         model.train(was_training)
-        for block in ode_blocks(model):  # a penalised block's terms are not the training loop's
-            block.pending_penalties = None
+        for module in solve_modules(model):  # penalty terms left by the check's training-mode
+            if getattr(module, "pending_penalties", None) is not None:  # forward: not the loop's
+                module.pending_penalties = None
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
@@ -285,6 +357,7 @@ def gradient_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return {"rel_error": rel, "cosine": cosine, "failure": None}
 
 
-__all__ = ["DEFAULT_THRESHOLD", "GRADIENT_REFERENCE_TOL", "REFERENCE_TOL", "Validity",
-           "block_solves", "gradient_error", "model_validity", "ode_blocks", "reference_model",
-           "reference_solver", "relative_error", "solve_validity"]
+__all__ = ["DEFAULT_THRESHOLD", "GRADIENT_REFERENCE_TOL", "REFERENCE_TOL", "Objective",
+           "Validity", "batch_objective", "block_solves", "gradient_error", "gradient_error_of",
+           "model_validity", "ode_blocks", "reference_model", "reference_solver",
+           "relative_error", "solve_modules", "solve_validity"]

@@ -70,6 +70,8 @@ def _run_row(path: Path, root: Path) -> dict | None:
         "wall_time_s": s.get("wall_time_s"), "valid": s.get("valid"),
         "validity_roundtrip_error": s.get("validity_roundtrip_error"),
         "validity_reference_error": s.get("validity_reference_error"),
+        "grad_rel_error_init": s.get("grad_rel_error_init"),
+        "grad_rel_error_final": s.get("grad_rel_error_final"),
         "batch_size": trainer.get("batch_size"), "batch_time": task.get("batch_time"),
         "optimizer": optim.get("name"), "lr": (optim.get("optimizer") or {}).get("lr"),
         "loss": task.get("loss"), "solver": s.get("solver_desc"), "gradient": s.get("gradient"),
@@ -102,7 +104,8 @@ def load_runs(runs: Path) -> pd.DataFrame:
         raise FileNotFoundError(f"no dynamics run records (summary.json) under {runs}/")
     frame = pd.DataFrame(rows)
     for col in ("fit_mse", "extrap_mse", "fit_rel", "extrap_rel", "nfe_forward", "nfe_backward",
-                "nfe_eval", "fit_var", "extrap_var", "validity_roundtrip_error"):
+                "nfe_eval", "fit_var", "extrap_var", "validity_roundtrip_error",
+                "grad_rel_error_init", "grad_rel_error_final"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame
 
@@ -192,7 +195,7 @@ def _tables(frame: pd.DataFrame, agg: pd.DataFrame) -> str:
         head = ["network", "params", "sampling", "runs ok / failed", "fit MSE", "fit MSE / var",
                 "extrap MSE", "extrap MSE / var", f"runs with fit MSE / var > {FAIL_REL:g}",
                 "NFE fwd / bwd per iter", "NFE full solve", "solves valid", "round-trip error",
-                "wall s per run"]
+                "grad. error init / end", "wall s per run"]
         md.append("| " + " | ".join(head) + " |")
         md.append("|" + " --- |" * len(head))
         for _, r in agg[agg["system"] == system].iterrows():
@@ -208,8 +211,17 @@ def _tables(frame: pd.DataFrame, agg: pd.DataFrame) -> str:
                 f"{r['fails_fit']} of {r['runs']} | {_pm(ok['nfe_forward'])} / "
                 f"{_pm(ok['nfe_backward'])} | {_pm(ok['nfe_eval'])} | "
                 f"{r['solves_valid']}/{r['ok']} | {_pm(ok['validity_roundtrip_error'])} | "
-                f"{_pm(g['wall_time_s'])} |")
+                f"{_grad_cell(g, ok)} | {_pm(g['wall_time_s'])} |")
     return "\n".join(md) + "\n"
+
+
+def _grad_cell(g: pd.DataFrame, ok: pd.DataFrame) -> str:
+    """'init / end' relative gradient error (mean ± std; issue 13): the run's parameter gradient
+    against float64 dopri5 1e-9 direct backprop on the task's fixed check batch; '-' where the
+    runs did not measure it (``trainer.instruments.gradient_error`` off)."""
+    if g["grad_rel_error_init"].isna().all():
+        return "-"
+    return f"{_pm(g['grad_rel_error_init'])} / {_pm(ok['grad_rel_error_final'])}"
 
 
 CLAIMS = [  # (system, network, what the seed says, the seed's verdict: "fit", "fail", "horrible")
@@ -364,7 +376,8 @@ def report(runs: Path, results: Path, profile: str = "cpu") -> None:
             "iterations", "fit_mse", "fit_var", "fit_rel", "extrap_mse", "extrap_var",
             "extrap_rel", "final_train_loss", "nfe_forward", "nfe_backward", "nfe_forward_last",
             "nfe_backward_last", "nfe_eval", "valid", "validity_roundtrip_error",
-            "validity_reference_error", "wall_time_s"]
+            "validity_reference_error", "grad_rel_error_init", "grad_rel_error_final",
+            "wall_time_s"]
     frame[cols].to_csv(results / "runs.csv", index=False)
     agg = aggregate(frame)
     agg.to_csv(results / "dynamics.csv", index=False)
