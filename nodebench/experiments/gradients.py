@@ -84,18 +84,18 @@ def tolerance_stage(runs: Path, results: Path, cfg) -> None:
 
     from ..instruments import NFECounter
     from ..solvers import Gradient, Solver
-    from ..validity import _flat_grad, ode_blocks, reference_model
+    from ..validity import _dtype, _flat_grad, reference_model, solve_modules
 
     spec = OmegaConf.to_container(cfg.gradients.tolerance, resolve=True)
     rows = []
     for name, case in spec["cases"].items():
         net, task = _case(list(case["overrides"]), 0)
-        xb, yb = task.check_batch(int(case["batch"]))
+        objective = task.check_objective(int(case["batch"]))  # the trainer's check loss
         params = [p for p in net.parameters() if p.requires_grad]
         watch = time.perf_counter()
         ref = reference_model(net)
         ref_params = [p for p in ref.parameters() if p.requires_grad]
-        g_ref = _flat_grad(torch.autograd.grad(task.check_loss(ref(xb.double()), yb), ref_params,
+        g_ref = _flat_grad(torch.autograd.grad(objective(ref, torch.float64), ref_params,
                                                allow_unused=True), ref_params)
         norm_ref = torch.linalg.vector_norm(g_ref).item()
         print(f"[tolerance] {name}: float64 1e-9 reference in {time.perf_counter() - watch:.0f} s",
@@ -105,7 +105,7 @@ def tolerance_stage(runs: Path, results: Path, cfg) -> None:
             fields = ({"mode": "adjoint", "norm": "seminorm"} if mode == "seminorm"
                       else {"mode": mode})
             for tol in spec["tols"]:
-                for block in ode_blocks(net):
+                for block in solve_modules(net):
                     block.solver = Solver(method="dopri5", rtol=tol, atol=tol,
                                           max_num_steps=100_000)
                     block.gradient = Gradient(**fields)
@@ -115,7 +115,7 @@ def tolerance_stage(runs: Path, results: Path, cfg) -> None:
                 watch = time.perf_counter()
                 try:
                     with nfe.phase_("forward"):
-                        loss = task.check_loss(net(xb), yb)
+                        loss = objective(net, _dtype(net))
                     with nfe.phase_("backward"):
                         g = _flat_grad(torch.autograd.grad(loss, params, allow_unused=True),
                                        params)
