@@ -349,12 +349,8 @@ def schedule_line(results: Path) -> str:
         return ""
     r = json.loads(path.read_text())
     threads = r.get("threads_per_job")
-    if "lanes" in r:  # written by a lane runner (the gradient study, and the former mnist driver)
-        lanes = " | ".join(", ".join(lane) for lane in r["lanes"])
-        how = f"training lanes {r['train_wall_s'] / 60:.1f} min); lanes side by side: {lanes}"
-    else:  # written by `nodebench reproduce` (nodebench.reproduce)
-        how = (f"training sweep {r['sweep_wall_s'] / 60:.1f} min); {r['jobs']} training job(s) "
-               "at a time")
+    how = (f"training sweep {r['sweep_wall_s'] / 60:.1f} min); {r['jobs']} training job(s) "
+           "at a time")
     return (f"Reproduction wall time {r['wall_s'] / 60:.1f} min from start to table ({how}"
             f"{f'; {threads} torch thread(s) per job' if threads else ''}; 1-min load average "
             f"{r['load_start']:.2f} at the start, at most {r['load_max']:.2f} during the run, "

@@ -129,7 +129,7 @@ def _sweep_parts(sweep) -> list[dict]:
 
 
 class LoadClock:
-    """Wall time of a reproduction (or of a driver's lanes) and the 1-minute load average,
+    """Wall time of a reproduction and the 1-minute load average,
     sampled every 10 s by a daemon thread (start, maximum; the end is read by the caller)."""
 
     def __init__(self) -> None:
