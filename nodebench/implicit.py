@@ -280,6 +280,13 @@ def _time(t: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(t, dtype=like.dtype, device=like.device)
 
 
+def _guess(y: torch.Tensor, prev: tuple | None, step: float) -> torch.Tensor:
+    """Initial guess of a step of signed size ``step`` from ``y``: the previous step's increment
+    ``prev = (increment, its step)`` scaled to this step (linear extrapolation), or ``y`` on the
+    first step; detached."""
+    return (y if prev is None else y + prev[0] * (step / prev[1])).detach()
+
+
 def _forward(func: Callable, y0: torch.Tensor, t: torch.Tensor, cfg: tuple,
              differentiable: bool) -> torch.Tensor:
     """Step through the grid; with ``differentiable`` each step is differentiable by the IFT."""
@@ -304,7 +311,7 @@ def _forward(func: Callable, y0: torch.Tensor, t: torch.Tensor, cfg: tuple,
                         incr = incr + (1 - theta) * k0_
                     return y_ + dt_ * incr
 
-            guess = y.detach() if prev is None else (y + prev[0] * (dt / prev[1])).detach()
+            guess = _guess(y, prev, dt)
             y1, iters = fixed_point(G, guess, tol, max_iters, anderson,
                                        f"{scheme.name} step at t={t0:.4g}")
             STATS.add("forward", iters)
@@ -430,7 +437,7 @@ class _AdjointSolve(torch.autograd.Function):
                 # initial guess: the previous backward step's increment extrapolated, as in
                 # the forward pass (y itself is a step h f away from the solution, the
                 # extrapolation O(h^2); with the far guess Anderson stalled in training)
-                guess = y if prev is None else y + prev[0] * (ds / prev[1])
+                guess = _guess(y, prev, ds)
                 with torch.no_grad():
                     y1, iters_y = fixed_point(Gy, guess, tol, max_iters, anderson,
                                               f"{scheme.name} adjoint step (state) at t={s0:.4g}")
