@@ -2,10 +2,10 @@
 
 import gzip
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
-from pathlib import Path
 import torch
 
 from nodebench import data as D
