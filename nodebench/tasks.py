@@ -532,7 +532,6 @@ class _FlowTask:
     def check_objective(self, size: int) -> None:
         """No gradient-error check for the flows (not implemented: a CNF's loss draws trace
         noise and its penalties are not dropped by the reference)."""
-        return
 
     def count(self, batch: torch.Tensor, out: None) -> dict:
         return {"seen": int(batch.shape[0])}
