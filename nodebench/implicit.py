@@ -34,27 +34,30 @@ measured 3-4 iterations per step at tol 1e-3). When it does not hold (stiff ``f`
 where ``h * Lip = 5``) Picard diverges; Anderson acceleration, which on a linear problem is
 equivalent to GMRES (Walker & Ni 2011, Thm 2.2), still converges, in a few iterations when the
 stiffness sits in a few directions per sample. It does not rescue every case: GroupNorm
-dynamics on an exactly constant image (Lip about 100-150, see nodebench/shapes.py) stall it, and
-so do the trained shapes classifiers under ``crank_nicolson`` with the adjoint (seed 004's
-study, h = 0.05): on 7 Dec 2026 plain Picard diverged (residual 0.23 after 300 iterations) and
-Anderson (m = 2 or 5, up to 200 iterations) stagnated at residuals of 1e-3 to 2e-2 in the backward state
-solve after 2-6 epochs; the extrapolated initial guess of that solve (below) let one of two seeds
-train its 10 epochs. A Newton-Krylov step solver is the remedy not built yet.
+dynamics on an exactly constant image (Lip about 100-150, see nodebench/shapes.py) stall it.
+Nor does any step solver rescue a step equation that is ill-conditioned in itself: solving
+the implicit midpoint or the trapezoid *backwards in time* (the adjoint's state reconstruction
+below) means solving with the matrix ``I + (h/2) J``, nearly singular where ``J`` has an
+eigenvalue near ``-2/h`` (-40 at h = 0.05), the directions the forward step damps to almost
+nothing. That is where seed 004's study failed under ``crank_nicolson`` with recomputed states
+(Anderson stagnating at residuals of 1e-3 to 2e-2 after 2-6 epochs, 7 Dec 2026), and why the
+adjoint keeps the forward states by default (``adjoint_states``, below).
 If the iterates do not meet the tolerance within
 ``max_iters`` evaluations (or turn non-finite), :class:`~nodebench.errors.SolverFailure` is raised
 and the trainer records the run as failed.
 
 Convergence test: ``max|G(x) - x| <= tol * (1 + max|G(x)|)`` over the whole batch. The initial
 guess of a step is the linear extrapolation of the previous step (free); ``y0`` on the first step.
-The adjoint's backward state solve does the same with the previous backward step.
+The adjoint's backward state solve (recomputed states) does the same with the previous
+backward step.
 
 **NFE.** Every evaluation of ``f`` is a call of the dynamics module, so
 :class:`~nodebench.instruments.NFECounter` counts it. Per step: the iterations (each one ``f``
 evaluation; the iterate that passes the test is the step's result, so no extra evaluation), plus
 1 for ``f(t0, y0)`` when ``theta < 1`` (trapezoid; it is re-evaluated each step rather than
 reused from the previous one, because with direct gradients its graph must start at ``y0``).
-The adjoint's backward step: the state iterations, plus 1 for the linearisation, plus 1 for
-``f(t0, y0)`` (trapezoid); its ``a`` iterations call no ``f``. ``STATS`` counts the state and the
+The adjoint's backward step: 1 for the linearisation, plus 1 for ``f(t0, y0)`` (trapezoid),
+plus the state iterations with recomputed states; its ``a`` iterations call no ``f``. ``STATS`` counts the state and the
 adjoint iterations of a backward step together.
 
 **Iterations** are observable from outside the model through the module-level :data:`STATS`
@@ -82,20 +85,26 @@ per step as ``train/implicit_iters_forward`` / ``_backward`` (TensorBoard) and p
   stalled in training, see the shapes study), and solves the exact discrete adjoint
   ``a0 = a1 + h J(t1, y1)^T a0`` by the fixed-point iteration on vector-Jacobian products:
   gradients equal the direct ones (to ``tol``), O(1) memory.
-* ``adjoint`` for the others: ODE-Net style (Chen et al. 2018, eqs. 4-5; seed 004 eqs. 6-7). The forward pass
-  keeps no graph; the backward pass integrates the augmented system ``dy/dt = f``,
+* ``adjoint`` for the others: ODE-Net style (Chen et al. 2018, eqs. 4-5; seed 004 eqs. 6-7). The
+  forward pass keeps no graph; the backward pass integrates the augmented system ``dy/dt = f``,
   ``da/dt = -a df/dy``, ``dg/dt = -a df/dtheta`` from t1 back to t0 with the *same* implicit
-  scheme and step. Each backward step first solves for ``y`` (fixed point, one ``f`` call per
-  iteration), then ``f`` is linearised once at the implicit evaluation point and the ``a``
-  equation, linear given ``y``, is solved by the same iteration with vector-Jacobian products
-  only; ``g`` follows. (Iterating on ``(y, a)`` jointly is the same scheme but stalls for
+  scheme and step: ``f`` is linearised once at the step's implicit evaluation point and the
+  ``a`` equation, linear, is solved by the same iteration with vector-Jacobian products only
+  (a well-conditioned solve: ``I - (h/2) J^T`` for the midpoint rule); ``g`` follows. The
+  states ``y`` at the step boundaries come from ``solver.options.adjoint_states``:
+
+  - ``stored`` (default): kept from the forward pass, detached (memory: one state per step,
+    no graphs, as ACA's checkpoints, Zhuang et al. 2020); no state solve in the backward pass.
+  - ``recomputed``: solved for backwards, step by step (fixed point, one ``f`` call per
+    iteration, started from the previous backward step's extrapolation); memory O(1) in the
+    number of steps, but ill-conditioned for stiff dissipative dynamics (above).
+
+  The implicit midpoint rule is symmetric (stepping back with ``-h`` retraces the forward
+  states exactly), so the two choices give the same gradient wherever the backward solve
+  converges, and it is the exact discrete gradient (to ``tol``). For the trapezoid the adjoint
+  equation's discretisation differs from the exact discrete adjoint by O(h^2) (tested against
+  finite differences). (Iterating on ``(y, a)`` jointly is the same scheme but stalls for
   implicit_euler on ReLU dynamics: the ``a`` part jumps whenever a ReLU mask flips.)
-  Memory O(1) in the number of steps. The backward pass recomputes ``y`` by stepping backwards,
-  so the gradient approximates the exact one with the scheme's order in ``h`` (tested against
-  finite differences: O(h^2) for the trapezoid; the same-scheme backward pass gave implicit_euler
-  an O(h) error, 6% of the largest gradient entry at h = 0.25, hence its exact reversal above).
-  The implicit midpoint rule is symmetric, so its backward pass retraces the forward states and
-  its adjoint is the exact discrete gradient (to ``tol``).
 
 No gradient is returned for the time points ``t``: a ``t`` that requires one is refused
 (ConfigError) rather than silently given none.
@@ -113,7 +122,8 @@ import torch
 from .errors import ConfigError, SolverFailure
 from .solvers import EXTRA_SOLVERS, Gradient, Solver, fixed_step_count
 
-DEFAULTS = {"tol": 1e-4, "max_iters": 50, "anderson": 5}
+DEFAULTS = {"tol": 1e-4, "max_iters": 50, "anderson": 5, "adjoint_states": "stored"}
+ADJOINT_STATES = ("stored", "recomputed")
 
 
 @dataclass(frozen=True)
@@ -237,7 +247,8 @@ def _grid(t: torch.Tensor, h: float) -> list[tuple[int, float, float, int]]:
 
 def check_options(options: dict) -> None:
     """Type and range of the implicit solvers' options (``tol`` > 0, ``max_iters`` >= 1,
-    ``anderson`` >= 0); raises ConfigError naming the first bad one."""
+    ``anderson`` >= 0, ``adjoint_states`` in :data:`ADJOINT_STATES`); raises ConfigError naming
+    the first bad one."""
     tol = options.get("tol", DEFAULTS["tol"])
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) \
             or tol <= 0:
@@ -246,6 +257,10 @@ def check_options(options: dict) -> None:
         value = options.get(key, DEFAULTS[key])
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"solver.options.{key} must be an integer >= {low}, got {value!r}")
+    states = options.get("adjoint_states", DEFAULTS["adjoint_states"])
+    if states not in ADJOINT_STATES:
+        raise ConfigError(f"solver.options.adjoint_states must be one of "
+                          f"{', '.join(ADJOINT_STATES)}, got {states!r}")
 
 
 class _Implicit:
@@ -269,7 +284,7 @@ class _Implicit:
                               f"t, and t requires one: detach t or use a torchdiffeq method")
         opts = {**DEFAULTS, **solver.options}
         cfg = (cls.SCHEME, float(solver.step_size), float(opts["tol"]), int(opts["max_iters"]),
-               int(opts["anderson"]))
+               int(opts["anderson"]), opts["adjoint_states"] == "stored")
         if gradient.mode == "adjoint":
             params = tuple(p for p in func.parameters() if p.requires_grad)
             return _AdjointSolve.apply(func, cfg, y0, t, *params)
@@ -288,9 +303,10 @@ def _guess(y: torch.Tensor, prev: tuple | None, step: float) -> torch.Tensor:
 
 
 def _forward(func: Callable, y0: torch.Tensor, t: torch.Tensor, cfg: tuple,
-             differentiable: bool) -> torch.Tensor:
-    """Step through the grid; with ``differentiable`` each step is differentiable by the IFT."""
-    scheme, h, tol, max_iters, anderson = cfg
+             differentiable: bool, steps: list | None = None) -> torch.Tensor:
+    """Step through the grid; with ``differentiable`` each step is differentiable by the IFT.
+    ``steps``, if given, receives the state at the end of every step (detached), in order."""
+    scheme, h, tol, max_iters, anderson, _ = cfg
     theta, c = scheme.theta, scheme.c
     record = differentiable and torch.is_grad_enabled()
     ys = [y0]
@@ -324,6 +340,8 @@ def _forward(func: Callable, y0: torch.Tensor, t: torch.Tensor, cfg: tuple,
                 y1 = hooked
             prev = ((y1 - y).detach(), dt)
             y = y1
+            if steps is not None:
+                steps.append(y.detach())
         ys.append(y)
     return torch.stack(ys)
 
@@ -379,7 +397,7 @@ def _backward_euler_reverse_step(func: Callable, s0: float, ds: float, y: torch.
     the exact discrete one: a0 = a1 + h J(t1, y1)^T a0 (linear; vector-Jacobian products only),
     dL/dtheta += h a0^T df/dtheta(t1, y1). ``g`` is updated in place; h = -ds.
     """
-    scheme, _, tol, max_iters, anderson = cfg
+    scheme, _, tol, max_iters, anderson, _ = cfg
     lin = _Linearised(func, _time(s0, y), y, params)
     y0 = y + ds * lin.f
 
@@ -399,9 +417,12 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, func, cfg, y0, t, *params):
+        steps: list | None = [] if cfg[5] else None  # adjoint_states == "stored"
         with torch.no_grad():
-            ys = _forward(func, y0, t, cfg, differentiable=False)
+            ys = _forward(func, y0, t, cfg, differentiable=False, steps=steps)
         ctx.func, ctx.cfg = func, cfg
+        # the states at the start of each step, in order (stored), or none (recomputed)
+        ctx.steps = [y0.detach(), *steps[:-1]] if steps else None
         ctx.save_for_backward(t, ys, *params)
         return ys
 
@@ -409,9 +430,11 @@ class _AdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_ys):
         t, ys, *params = ctx.saved_tensors
         func, cfg = ctx.func, ctx.cfg
-        scheme, h, tol, max_iters, anderson = cfg
+        scheme, h, tol, max_iters, anderson, _ = cfg
         theta, c = scheme.theta, scheme.c
         params = tuple(params)
+        stored = ctx.steps  # None: recompute the states by solving backwards
+        ctx.steps = None
         y, a = ys[-1], grad_ys[-1]
         g = [torch.zeros_like(p) for p in params]
         prev = None  # (previous backward step's state increment, its signed step): the guess
@@ -420,8 +443,11 @@ class _AdjointSolve(torch.autograd.Function):
             end = start + n * dt
             for j in range(n):
                 s0, ds = end - j * dt, -dt  # integrate backwards: signed step -dt
+                earlier = stored.pop() if stored is not None else None
                 if scheme.explicit_reverse:
                     y, a = _backward_euler_reverse_step(func, s0, ds, y, a, g, params, cfg)
+                    if earlier is not None:
+                        y = earlier
                     continue
                 sc = _time(s0 + c * ds, y)
                 k0 = _Linearised(func, _time(s0, y), y, params) if theta < 1 else None
@@ -437,11 +463,15 @@ class _AdjointSolve(torch.autograd.Function):
                 # initial guess: the previous backward step's increment extrapolated, as in
                 # the forward pass (y itself is a step h f away from the solution, the
                 # extrapolation O(h^2); with the far guess Anderson stalled in training)
-                guess = _guess(y, prev, ds)
-                with torch.no_grad():
-                    y1, iters_y = fixed_point(Gy, guess, tol, max_iters, anderson,
-                                              f"{scheme.name} adjoint step (state) at t={s0:.4g}")
-                prev = ((y1 - y).detach(), ds)
+                if earlier is not None:
+                    y1, iters_y = earlier, 0
+                else:
+                    guess = _guess(y, prev, ds)
+                    with torch.no_grad():
+                        y1, iters_y = fixed_point(Gy, guess, tol, max_iters, anderson,
+                                                  f"{scheme.name} adjoint step (state) at "
+                                                  f"t={s0:.4g}")
+                    prev = ((y1 - y).detach(), ds)
                 # 2) the adjoint, linear in a1 once y1 is known: f linearised at the implicit
                 # evaluation point (one call of func), then vector-Jacobian products only.
                 lin = _Linearised(func, sc, y + c * (y1 - y), params)

@@ -512,10 +512,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                          _fmt(row["validity_reference_error"]),
                          _fmt(row["validity_roundtrip_error"]),
                          inst.get("validity_threshold", DEFAULT_THRESHOLD))
-            log.info("epoch %d/%d  loss %.4f  %s  NFE f/b %.1f/%.1f  mem %.1f MiB  %.1f s",
+            mem = row["activation_mib"]  # None when the memory meter is off
+            log.info("epoch %d/%d  loss %.4f  %s  NFE f/b %.1f/%.1f  mem %s  %.1f s",
                      epoch, t.epochs, row["train_loss"], _score_text(task, row),
                      row["nfe_forward"] or 0.0, row["nfe_backward"] or 0.0,
-                     row["activation_mib"] or 0.0, train_time)
+                     "off" if mem is None else f"{mem:.1f} MiB", train_time)
             if t.get("checkpoint", True):
                 save_checkpoint(run_dir / CHECKPOINT, {
                     "epoch": epoch, "step": step, "rows": _plain_rows(rows),

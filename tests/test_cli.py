@@ -56,6 +56,23 @@ def test_tensorboard_tags(runs_dir):
     assert len(acc.Scalars("train/nfe_forward")) == 4   # 2 epochs x 2 iterations
 
 
+@pytest.mark.parametrize("memory", [True, False])
+def test_epoch_log_says_when_the_memory_meter_is_off(runs_dir, memory):
+    """The epoch line of the run's train.log gives the activation memory in MiB, or "mem off"
+    (not 0.0 MiB) when the meter is off, matching summary.json's activation_mib (a number, or
+    null)."""
+    train(runs_dir, "model=odenet", f"trainer.instruments.memory={str(memory).lower()}")
+    summary = next(runs_dir.rglob("summary.json"))
+    s = json.loads(summary.read_text())
+    log = (summary.parent / "train.log").read_text().splitlines()
+    lines = [ln for ln in log if "NFE f/b" in ln]
+    assert len(lines) == 2
+    if memory:
+        assert s["activation_mib"] > 0 and all(" MiB  " in ln for ln in lines)
+    else:
+        assert s["activation_mib"] is None and all("  mem off  " in ln for ln in lines)
+
+
 def test_multirun_runs_every_job(runs_dir):
     code = main(["train", "-m", *TINY, "model=mlp,resnet", "seed=0,1"])
     summaries = [json.loads(p.read_text()) for p in runs_dir.rglob("summary.json")]

@@ -76,7 +76,10 @@ def test_solver_configs_compose(method):
     cfg = compose(["dataset=synthetic", f"solver={method}", "solver.step_size=0.05"])
     solver = build_solver(cfg)
     assert solver.method == method and solver.step_size == 0.05
-    assert solver.options == {"tol": 1e-4, "max_iters": 50, "anderson": 5}
+    assert solver.options == {"tol": 1e-4, "max_iters": 50, "anderson": 5,
+                              "adjoint_states": "stored"}
+    with pytest.raises(ConfigError, match="adjoint_states must be one of stored, recomputed"):
+        Solver(method, step_size=0.1, options={"adjoint_states": "kept"})
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -113,32 +116,35 @@ def test_stiff_stability(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("mode", ["direct", "adjoint"])
+@pytest.mark.parametrize("mode", ["direct", "adjoint", "adjoint-recomputed"])
 def test_exact_nfe_and_iterations(method, mode):
     """Constant f, N = 10 steps. Step 1 starts from y0: 2 iterations (the second confirms the
     first). Later steps start from the previous step's extrapolation, already exact: 1 iteration.
-    The trapezoid adds f(t0, y0) per step. The adjoint's backward step: state iterations as in
-    the forward pass (2 for the first backward step, which starts from its current state, 1 for
-    the others, which start from the previous backward step's extrapolation), 1 call to
-    linearise f, 1 adjoint iteration (a' = 0), +1 call for the trapezoid's f(t0, y0); direct
-    gradients call f
-    no more (the implicit-function-theorem solve uses vector-Jacobian products: 1 iteration,
-    since dG/dy = 0)."""
+    The trapezoid adds f(t0, y0) per step. The adjoint's backward step with stored states: 1 call
+    to linearise f, 1 adjoint iteration (a' = 0), +1 call for the trapezoid's f(t0, y0); with
+    recomputed states (crank_nicolson, trapezoid) it first solves for the state as the forward
+    pass does (2 iterations for the first backward step, which starts from its current state,
+    1 for the others, which start from the previous backward step's extrapolation). Direct
+    gradients call f no more (the implicit-function-theorem solve uses vector-Jacobian
+    products: 1 iteration, since dG/dy = 0)."""
     n = 10
     func = Constant(0.5)
     nfe = NFECounter(func)
     y0 = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     implicit.STATS.take()
+    states = "recomputed" if mode.endswith("recomputed") else "stored"
+    mode = mode.split("-")[0]
     with nfe.phase_("forward"):
-        y = solve(func, y0, T01, method, 1.0 / n, mode=mode)
+        y = solve(func, y0, T01, method, 1.0 / n, mode=mode, adjoint_states=states)
     with nfe.phase_("backward"):
         y[-1].sum().backward()
     extra = n if method == "trapezoid" else 0
     assert nfe.take("forward") == (n + 1) + extra
     stats = implicit.STATS.take()
     assert stats["forward_iters"] == n + 1 and stats["forward_steps"] == n
-    if mode == "adjoint" and method == "implicit_euler":  # exact explicit reversal: 1 call
-        assert nfe.take("backward") == n
+    if mode == "adjoint" and (method == "implicit_euler" or states == "stored"):
+        # implicit_euler: the exact explicit reversal's one call; stored: the linearisation
+        assert nfe.take("backward") == n + extra
         assert stats["backward_iters"] == n and stats["backward_steps"] == n
     elif mode == "adjoint":  # state iterations (n + 1) + 1 linearisation per step; 1 adjoint
         assert nfe.take("backward") == (n + 1) + n + extra  # iteration per step (no f call)
@@ -224,6 +230,45 @@ def test_gradients_vs_finite_differences(method):
         assert adjoint_errors[0] > 1e-5  # a real O(h^p) discrepancy, shrinking at the order:
         assert math.log2(adjoint_errors[0] / adjoint_errors[1]) == pytest.approx(
             ORDER[method], abs=0.25)
+
+
+class Matrix(Dynamics):
+    """f(t, y) = y @ A^T with a trainable matrix A."""
+
+    def __init__(self, a: torch.Tensor) -> None:
+        super().__init__()
+        self.a = nn.Parameter(a.clone())
+
+    def forward(self, t, y):
+        return y @ self.a.T
+
+
+def test_stored_adjoint_states_survive_a_step_the_backward_solve_cannot_undo():
+    """crank_nicolson, h = 0.05, y' = A y with A = Q diag(-38, -0.5) Q^T (Q a 30 degree rotation),
+    y0 = (1, 1), loss = y(0.05)[0] + y(1)[1]. The stiff direction's step factor
+    r = (1 + z/2) / (1 - z/2), z = h (-38) = -1.9, is 0.026: solving a step backwards multiplies
+    the errors in that direction by 1 / r = 39 (the backward step's matrix I + z/2 is nearly
+    singular), and rounding errors of the slow direction's size feed it. With the states stored from the forward pass the
+    adjoint gradients equal the direct ones (the implicit midpoint's exact discrete adjoint;
+    direct gradients are checked against finite differences above); solved backwards
+    (recomputed), the backward state solve stagnates at 6.7e-12 against the tolerance 1.2e-12
+    four steps in (at t = 0.8), the failure that stopped the shapes study's training."""
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    q = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    a = q @ torch.diag(torch.tensor([-38.0, -0.5], dtype=torch.float64)) @ q.T
+    t = torch.tensor([0.0, 0.05, 1.0], dtype=torch.float64)
+
+    def grads(mode, states="stored"):
+        func = Matrix(a)
+        y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        y = solve(func, y0, t, "crank_nicolson", 0.05, mode=mode, adjoint_states=states)
+        (y[1, 0] + y[2, 1]).backward()
+        return torch.cat([y0.grad, func.a.grad.flatten()])
+
+    exact = grads("direct")
+    assert torch.allclose(grads("adjoint"), exact, rtol=1e-9, atol=1e-12)
+    with pytest.raises(SolverFailure, match=r"adjoint step \(state\) at t=0.8: fixed-point"):
+        grads("adjoint", "recomputed")  # stagnates as in the shapes study's training
 
 
 def test_conv_model_float32_trains_with_both_modes():
