@@ -122,7 +122,7 @@ import torch
 from .errors import ConfigError, SolverFailure
 from .solvers import EXTRA_SOLVERS, Gradient, Solver, fixed_step_count
 
-DEFAULTS = {"tol": 1e-4, "max_iters": 50, "anderson": 5, "adjoint_states": "stored"}
+DEFAULTS = {"tol": 1e-4, "max_iters": 100, "anderson": 20, "adjoint_states": "stored"}
 ADJOINT_STATES = ("stored", "recomputed")
 
 
