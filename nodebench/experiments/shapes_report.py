@@ -180,8 +180,13 @@ def _budget(every: list[dict], profile: str) -> str:
     cfgs = [r["summary"]["config"] for r in every]
     cfg = cfgs[0]
     seeds = sorted({r["summary"].get("seed") for r in every})
-    tols = sorted({c["solver"]["options"].get("tol") for c in cfgs
-                   if c["solver"]["method"] != "euler" and c["solver"].get("options")})
+    implicit = [c["solver"]["options"] for c in cfgs
+                if c["solver"]["method"] != "euler" and c["solver"].get("options")]
+
+    def values(key: str) -> str:  # the implicit solvers' option across the runs, "-" if none
+        found = sorted({str(o.get(key)) for o in implicit if o.get(key) is not None})
+        return ", ".join(found) or "-"
+
     s0 = every[0]["summary"]
     wall = sum(float(r["summary"].get("wall_time_s") or 0.0) for r in every)
     loads = pd.DataFrame([{k: r["summary"].get(k) for k in ("load_start", "load_end")}
@@ -193,7 +198,9 @@ def _budget(every: list[dict], profile: str) -> str:
             f"images, {cfg['trainer']['epochs']} epochs, batches {cfg['trainer']['batch_size']} "
             f"(test {cfg['trainer']['eval_batch_size']}), {opt['name']} lr "
             f"{opt['optimizer']['lr']:g}, {cfg['model']['gradient']} gradients, implicit "
-            f"fixed-point tolerance {', '.join(f'{t:g}' for t in tols) or '-'}; seeds "
+            f"fixed-point tolerance {values('tol')}, Anderson memory {values('anderson')}, at "
+            f"most {values('max_iters')} iterations per step, adjoint states "
+            f"{values('adjoint_states')}; seeds "
             f"{', '.join(map(str, seeds))} (initialisation and batch order; the same images for "
             f"every seed); {s0.get('device')}, {s0.get('threads')} thread(s) per run; "
             f"{len(every)} runs, sum of run wall times {wall / 60:.1f} min; largest 1-min load "
