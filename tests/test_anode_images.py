@@ -16,10 +16,10 @@ from nodebench.experiments import anode_images_report as R
 
 def test_arms_compose_parameter_matched():
     params = {}
-    for arm, model, epochs in (("node", "node_conv", 3), ("anode", "anode_conv", 8)):
+    for arm, model, epochs in (("node", "node_conv", 3), ("anode", "anode_conv", 14)):
         cfg = C.compose(["experiment=dupont2019_images", f"arm={arm}", "dataset=synthetic"])
         assert cfg.model.name == model and cfg.trainer.epochs == epochs
-        assert cfg.trainer.max_batches == 80 and cfg.optim.name == "adam_onecycle"
+        assert cfg.trainer.max_batches == 160 and cfg.optim.name == "adam_onecycle"
         model_ = C.build_model(cfg, inputs=C.model_inputs(cfg))
         params[model] = sum(p.numel() for p in model_.parameters())
     assert params == {"node_conv": 84395, "anode_conv": 84816}     # Dupont et al.'s counts
