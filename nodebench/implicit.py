@@ -57,8 +57,8 @@ evaluation; the iterate that passes the test is the step's result, so no extra e
 1 for ``f(t0, y0)`` when ``theta < 1`` (trapezoid; it is re-evaluated each step rather than
 reused from the previous one, because with direct gradients its graph must start at ``y0``).
 The adjoint's backward step: 1 for the linearisation, plus 1 for ``f(t0, y0)`` (trapezoid),
-plus the state iterations with recomputed states; its ``a`` iterations call no ``f``. ``STATS`` counts the state and the
-adjoint iterations of a backward step together.
+plus the state iterations with recomputed states; its ``a`` iterations call no ``f``.
+``STATS`` counts the state and the adjoint iterations of a backward step together.
 
 **Iterations** are observable from outside the model through the module-level :data:`STATS`
 (:class:`IterationStats`): ``STATS.take()`` returns and resets
@@ -84,7 +84,10 @@ per step as ``train/implicit_iters_forward`` / ``_backward`` (TensorBoard) and p
   per step and no iteration (the implicit backward state solve of the generic scheme below
   stalled in training, see the shapes study), and solves the exact discrete adjoint
   ``a0 = a1 + h J(t1, y1)^T a0`` by the fixed-point iteration on vector-Jacobian products:
-  gradients equal the direct ones (to ``tol``), O(1) memory.
+  gradients equal the direct ones (to ``tol``). With ``adjoint_states: recomputed`` the
+  explicit reversal gives the states (O(1) memory; its rounding errors grow by ``|1 - h lam|``
+  per step in strongly damped directions); with ``stored`` (the default, below) the forward
+  states replace it.
 * ``adjoint`` for the others: ODE-Net style (Chen et al. 2018, eqs. 4-5; seed 004 eqs. 6-7). The
   forward pass keeps no graph; the backward pass integrates the augmented system ``dy/dt = f``,
   ``da/dt = -a df/dy``, ``dg/dt = -a df/dtheta`` from t1 back to t0 with the *same* implicit
