@@ -338,7 +338,7 @@ def check_trainer(cfg: DictConfig) -> None:
         for key in ("nfe", "memory", "steps", "validity", "gradient_error"):
             if key in inst:
                 _check_bool(f"trainer.instruments.{key}", inst[key])
-        for key in ("memory_every", "validity_batch", "gradient_error_batch"):
+        for key in ("memory_every", "validity_every", "validity_batch", "gradient_error_batch"):
             if key in inst:
                 _check_count(f"trainer.instruments.{key}", inst[key])
         if "validity_threshold" in inst:
@@ -418,5 +418,6 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
         raise ConfigError(one_line(exc)) from None
     check_model(cfg)
     model = build_model(cfg, inputs=model_inputs(cfg))
-    build_optimizer(cfg, model)
+    t = _get(cfg, "trainer")   # a lower bound of the run's iterations; train.py passes the count
+    build_optimizer(cfg, model, total_steps=int(t.epochs) * int(t.get("max_batches") or 1))
     check_dataset(cfg, check_files)

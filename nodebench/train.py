@@ -306,6 +306,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"trainer.batch_size {t.batch_size} exceeds the "
                           f"{task.train_size} training {task.unit}")
     eval_every = int(t.get("eval_every", 1))
+    validity_every = int((t.get("instruments") or {}).get("validity_every", 1))
     optimizer, scheduler = C.build_optimizer(cfg, model, total_steps=t.epochs * n_batches)
     step_interval = cfg.optim.interval == "step"
     params = count_parameters(model)
@@ -474,7 +475,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             row.update(_step_columns(epoch_steps if steps is not None else None,
                                      steps.take("eval") if steps is not None else None,
                                      n_batches, eval_batches))
-            row.update(_validity_check(model, task, inst))  # outside any phase: not counted
+            # trainer.instruments.validity_every: check every N epochs and after the last
+            if epoch % validity_every == 0 or epoch == t.epochs:
+                row.update(_validity_check(model, task, inst))  # outside any phase: not counted
+            else:
+                row.update(dict.fromkeys(VALIDITY_FIELDS))
             row.update({f"penalty_{name}": value / max(sums["seen"], 1)
                         for name, value in pen_sums.items()})
             rows.append(row)
@@ -756,6 +761,57 @@ def _grad_fields(when: str, found: dict | None) -> dict:
     return {f"grad_rel_error_{when}": found.get("rel_error"),
             f"grad_cosine_{when}": found.get("cosine"),
             f"grad_check_time_s_{when}": found.get("time_s")}
+
+
+def onecycle_restarts(optimizer: torch.optim.Optimizer, total_steps: int,
+                      cycles: Any = (1.0,), peaks: Any = (1.0,), pct_start: float = 0.2,
+                      div_factor: float = 25.0, final_div_factor: float = 1.0e4):
+    """One-cycle learning rate per iteration, repeated: warm restarts of the one-cycle policy.
+
+    Each cycle has the shape of torch's ``OneCycleLR`` with ``anneal_strategy='cos'`` (Smith &
+    Topin 2019): cosine warm-up from ``peak / div_factor`` to ``peak`` over the first
+    ``pct_start`` of the cycle, then cosine annealing to ``peak / div_factor / final_div_factor``.
+    One cycle gives exactly OneCycleLR's rates. Several cycles restart the schedule (warm
+    restarts, Loshchilov & Hutter 2017, SGDR) so that a run is annealed at the end of every cycle:
+    the ANODE image preset ends its first cycle where the NODE arm's run ends, so the two are
+    compared at equal wall time as two annealed models, and then spends the rest of its budget on
+    a second cycle.
+
+    ``cycles``: relative lengths (e.g. epochs), scaled to ``total_steps`` iterations (rounded);
+    ``peaks``: each cycle's peak as a multiple of the optimiser's ``lr`` (the first cycle's peak
+    is usually 1.0). Raises ConfigError when the lists differ in length, a value is not positive,
+    ``pct_start`` is outside (0, 1) or a cycle would have no iteration.
+    """
+    cycles, peaks = [float(c) for c in cycles], [float(p) for p in peaks]
+    if not cycles or len(cycles) != len(peaks):
+        raise ConfigError(f"optim.scheduler.cycles and peaks must be lists of the same non-zero "
+                          f"length, got {cycles} and {peaks}")
+    if min(cycles + peaks + [div_factor, final_div_factor]) <= 0:
+        raise ConfigError("optim.scheduler cycles, peaks, div_factor and final_div_factor must "
+                          "be positive")
+    if not 0.0 < pct_start < 1.0:
+        raise ConfigError(f"optim.scheduler.pct_start must be in (0, 1), got {pct_start}")
+    cum = np.cumsum(cycles) / sum(cycles)
+    ends = [round(float(total_steps * c)) for c in cum]
+    starts = [0] + ends[:-1]
+    if min(e - b for b, e in zip(starts, ends)) < 1:
+        raise ConfigError(f"optim.scheduler: cycles {cycles} over {total_steps} iterations leave "
+                          f"a cycle without iterations")
+
+    def anneal(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2.0 * (1.0 + math.cos(math.pi * min(max(pct, 0.0), 1.0)))
+
+    def factor(step: int) -> float:
+        i = next((k for k, e in enumerate(ends) if step < e), len(ends) - 1)
+        n, local, peak = ends[i] - starts[i], step - starts[i], peaks[i]
+        low = peak / div_factor
+        up_end = pct_start * n - 1.0  # OneCycleLR's phase boundary (float, as torch computes it)
+        if 0.0 < up_end and local <= up_end:
+            return anneal(low, peak, local / up_end)
+        return anneal(peak, low / final_div_factor,
+                      (local - up_end) / max(n - 1.0 - up_end, 1e-12))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,

@@ -8,22 +8,63 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from nodebench import config as C
 from nodebench.cli import main
+from nodebench.errors import ConfigError
 from nodebench.experiments import anode_images_report as R
+from nodebench.train import onecycle_restarts
 
 
 def test_arms_compose_parameter_matched():
     params = {}
-    for arm, model, epochs in (("node", "node_conv", 3), ("anode", "anode_conv", 14)):
+    for arm, model, epochs in (("node", "node_conv", 3), ("anode", "anode_conv", 11)):
         cfg = C.compose(["experiment=dupont2019_images", f"arm={arm}", "dataset=synthetic"])
         assert cfg.model.name == model and cfg.trainer.epochs == epochs
-        assert cfg.trainer.max_batches == 160 and cfg.optim.name == "adam_onecycle"
+        assert cfg.trainer.max_batches == 160 and cfg.optim.name == "adam_onecycle_restarts"
         model_ = C.build_model(cfg, inputs=C.model_inputs(cfg))
         params[model] = sum(p.numel() for p in model_.parameters())
     assert params == {"node_conv": 84395, "anode_conv": 84816}     # Dupont et al.'s counts
     assert C.compose(["experiment=dupont2019_images"]).dataset.name == "mnist"
+
+
+def _rates(make, steps):
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=3e-3)
+    sched, rates = make(opt), []
+    for _ in range(steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return rates
+
+
+def test_one_cycle_equals_torch_onecycle_lr():
+    ours = _rates(lambda o: onecycle_restarts(o, 480), 480)
+    torch_ = _rates(lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=3e-3, total_steps=480, pct_start=0.2, div_factor=25.0,
+        final_div_factor=1e4), 480)
+    assert ours == pytest.approx(torch_, rel=1e-12, abs=1e-15)
+
+
+def test_two_cycles_anneal_then_restart_at_their_own_peak():
+    rates = _rates(lambda o: onecycle_restarts(o, 1760, cycles=[6, 5], peaks=[1.0, 0.5]), 1760)
+    first = _rates(lambda o: onecycle_restarts(o, 960), 960)
+    assert rates[:960] == pytest.approx(first, rel=1e-12)       # cycle 1: a 960-step one-cycle
+    assert rates[959] == pytest.approx(3e-3 / 25 / 1e4)           # annealed at its end
+    assert rates[960] == pytest.approx(1.5e-3 / 25)               # restart from peak / div
+    assert max(rates[960:]) == pytest.approx(1.5e-3)              # the second peak: 0.5 x lr
+    assert rates[-1] == pytest.approx(1.5e-3 / 25 / 1e4)
+
+
+@pytest.mark.parametrize("kwargs", [{"cycles": [1, 1], "peaks": [1.0]}, {"cycles": [0]},
+                                    {"pct_start": 1.0}, {"cycles": [1, 1000]}])
+def test_onecycle_restarts_rejects_bad_settings(kwargs):
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    kwargs = {"peaks": [1.0] * len(kwargs.get("cycles", [1])), **kwargs}
+    with pytest.raises(ConfigError):
+        onecycle_restarts(opt, 100, **kwargs)
 
 
 @pytest.mark.slow

@@ -234,6 +234,25 @@ def test_checks_can_be_switched_off(runs_dir):
         assert s[key] is None, key
 
 
+def test_validity_every_checks_every_nth_epoch_and_the_last(runs_dir):
+    tiny = [a for a in TINY if not a.startswith("trainer.epochs=")]
+    assert main(["train", *tiny, "model=odenet", "trainer.epochs=5",
+                 "trainer.instruments.validity_every=2"]) == 0
+    path = next(runs_dir.rglob("summary.json"))
+    metrics = pd.read_csv(path.parent / "metrics.csv")
+    assert list(metrics.epoch[metrics.valid.notna()]) == [2, 4, 5]
+    assert metrics.validity_time_s.notna().sum() == 3
+    assert isinstance(json.loads(path.read_text())["valid"], bool)   # from the last epoch
+
+
+def test_validity_every_must_be_a_positive_integer(runs_dir, capsys):
+    assert main(["train", *TINY, "model=odenet", "trainer.instruments.validity_every=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("nodebench: error: trainer.instruments.validity_every must be a positive "
+                    "integer, got 0")]
+    assert not list(runs_dir.rglob("summary.json"))
+
+
 def test_check_command_reproduces_the_trainers_checks_from_model_pt(runs_dir, capsys):
     """`nodebench check` rebuilds the initial weights from the seed and loads model.pt: its
     gradient errors and validity equal the trainer's own; --tols adds a validity sweep whose

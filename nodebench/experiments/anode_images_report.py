@@ -64,6 +64,7 @@ def _runs(runs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                      "batch": (cfg.get("trainer") or {}).get("batch_size"),
                      "max_batches": (cfg.get("trainer") or {}).get("max_batches"),
                      "optim": (cfg.get("optim") or {}).get("name"),
+                     "cycles": _cycles(cfg),
                      "run": str(path.parent.relative_to(runs))})
         metrics = path.parent / "metrics.csv"
         if metrics.exists():
@@ -77,6 +78,26 @@ def _runs(runs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                                    "nfe_forward": r.get("nfe_forward"),
                                    "nfe_backward": r.get("nfe_backward")})
     return pd.DataFrame(rows), pd.DataFrame(curves)
+
+
+def _cycles(cfg: dict) -> str | None:
+    """'6 + 5 epochs, peaks 0.003 / 0.0015' for a run of optim ``adam_onecycle_restarts``."""
+    optim = cfg.get("optim") or {}
+    sched = optim.get("scheduler") or {}
+    cycles, peaks = sched.get("cycles"), sched.get("peaks")
+    epochs = (cfg.get("trainer") or {}).get("epochs")
+    lr = (optim.get("optimizer") or {}).get("lr")
+    if not cycles or not peaks or not epochs or lr is None:
+        return None
+    lengths = [epochs * c / sum(cycles) for c in cycles]
+    return (" + ".join(f"{x:.3g}" for x in lengths) + " epochs, peak rates "
+            + " / ".join(f"{lr * q:g}" for q in peaks))
+
+
+def _epoch_at(curves: pd.DataFrame, model: str, seed, seconds: float) -> int | None:
+    """The epoch of a run's last evaluation at or before ``seconds``."""
+    c = curves[(curves.model == model) & (curves.seed == seed) & (curves.elapsed_s <= seconds + 1e-9)]
+    return None if c.empty else int(c.iloc[-1]["epoch"])
 
 
 def _at(curves: pd.DataFrame, model: str, seed, *, epoch=None, seconds=None) -> float | None:
@@ -97,6 +118,9 @@ def table(frame: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, dict
         g = ok[ok.model == model]
         at_epoch = [_at(curves, model, s, epoch=common_epoch) for s in g.seed]
         at_time = [_at(curves, model, s, seconds=common_time) for s in g.seed]
+        facts.setdefault("time_epochs", {})[model] = sorted(
+            {e for e in (_epoch_at(curves, model, s, common_time) for s in g.seed)
+             if e is not None}) if common_time is not None else []
         facts[model] = {k: (pd.to_numeric(pd.Series(v), errors="coerce").mean() if len(v) else None)
                         for k, v in (("final", list(g.test_accuracy)), ("at_epoch", at_epoch),
                                      ("at_time", at_time), ("iter_s", list(g.iter_s)),
@@ -137,9 +161,13 @@ def verdicts(facts: dict) -> list[str]:
             f"{yes(a['final'] >= 94)}); NODE's {n['final']:.2f} %.")]
     if a["at_time"] is not None and n["at_time"] is not None:
         gap = a["at_time"] - n["at_time"]
+        epochs = facts.get("time_epochs") or {}
+        which = "; ".join(f"{TITLES[m]} after epoch {', '.join(str(e) for e in epochs[m])}"
+                          for m in ("anode_conv", "node_conv") if epochs.get(m))
         out.append(f"At equal wall time ({facts['common_time']:.0f} s, the shortest run's end) "
                    f"ANODE {a['at_time']:.2f} % vs NODE {n['at_time']:.2f} %: {gap:+.2f} points "
-                   f"(target at least +1.0: {yes(gap >= 1.0)}).")
+                   f"(target at least +1.0: {yes(gap >= 1.0)})"
+                   + (f"; the evaluations compared: {which}." if which else "."))
     if a["at_epoch"] is not None and n["at_epoch"] is not None:
         out.append(f"At equal epochs ({facts['common_epoch']}) ANODE {a['at_epoch']:.2f} % vs NODE "
                    f"{n['at_epoch']:.2f} % ({a['at_epoch'] - n['at_epoch']:+.2f} points).")
@@ -178,8 +206,10 @@ def _budget(frame: pd.DataFrame, profile: str, results: Path) -> str:
     parts = []
     for model, g in frame.groupby("model", sort=False):
         r = g.iloc[0]
+        cycles = r.get("cycles")
         parts.append(f"{TITLES.get(model, model)} {r['epochs']} epochs = {r['iterations']} "
-                     f"iterations of {r['batch']} images")
+                     f"iterations of {r['batch']} images"
+                     + (f" (learning-rate cycles of {cycles})" if isinstance(cycles, str) else ""))
     r = frame.iloc[0]
     seeds = ", ".join(str(s) for s in sorted(frame.seed.unique()))
     text = (f"Budget (profile `{profile}`): {'; '.join(parts)} (an epoch: at most "
