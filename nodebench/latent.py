@@ -281,11 +281,19 @@ class RecognitionRNN(nn.Module):
 
 
 class LatentDynamics(Dynamics):
-    """dz/dt = f(z): an MLP latent -> hidden -> latent (ELU), autonomous (t is not an input)."""
+    """dz/dt = f(z): an MLP latent -> hidden (x ``layers``) -> latent (ELU), autonomous (t is
+    not an input). ``layers=1``: the paper's one hidden layer of 20 (section 5.1);
+    ``layers=2``: torchdiffeq's ``examples/latent_ode.py`` (4-20-20-4). Raises ValueError for
+    ``layers`` < 1."""
 
-    def __init__(self, latent: int = 4, hidden: int = 20) -> None:
+    def __init__(self, latent: int = 4, hidden: int = 20, layers: int = 1) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent, hidden), nn.ELU(), nn.Linear(hidden, latent))
+        if int(layers) < 1:
+            raise ValueError(f"model.dyn_layers must be at least 1, got {layers}")
+        mods: list[nn.Module] = [nn.Linear(latent, hidden), nn.ELU()]
+        for _ in range(int(layers) - 1):
+            mods += [nn.Linear(hidden, hidden), nn.ELU()]
+        self.net = nn.Sequential(*mods, nn.Linear(hidden, latent))
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -317,11 +325,11 @@ class LatentODE(nn.Module):
 
     def __init__(self, solver: Solver, gradient: Gradient, latent: int = 4, rec_hidden: int = 25,
                  dyn_hidden: int = 20, dec_hidden: int = 20, obs_dim: int = 2,
-                 cell: str = "gru") -> None:
+                 cell: str = "gru", dyn_layers: int = 1) -> None:
         super().__init__()
         self.latent = latent
         self.encoder = RecognitionRNN(latent, rec_hidden, obs_dim, cell)
-        self.func = LatentDynamics(latent, dyn_hidden)
+        self.func = LatentDynamics(latent, dyn_hidden, dyn_layers)
         self.decoder = Decoder(latent, dec_hidden, obs_dim)
         self.solver, self.gradient = solver, gradient
 
@@ -412,12 +420,13 @@ def count_parameters(module: nn.Module) -> int:
 
 def build_model(name: str, solver: Solver | None = None, gradient: Gradient | None = None,
                 cell: str = "gru", latent: int = 4, rec_hidden: int = 25, dyn_hidden: int = 20,
-                dec_hidden: int = 20, rnn_hidden: int = 25) -> nn.Module:
+                dec_hidden: int = 20, rnn_hidden: int = 25, dyn_layers: int = 1) -> nn.Module:
     """``latent_ode``, ``rnn`` or ``rnn_dt`` with the paper's sizes (by default)."""
     if name == "latent_ode":
         if solver is None or gradient is None:
             raise ValueError("latent_ode needs a solver and a gradient mode")
-        return LatentODE(solver, gradient, latent, rec_hidden, dyn_hidden, dec_hidden, cell=cell)
+        return LatentODE(solver, gradient, latent, rec_hidden, dyn_hidden, dec_hidden, cell=cell,
+                         dyn_layers=dyn_layers)
     if name in ("rnn", "rnn_dt"):
         return RNNBaseline(rnn_hidden, time_gaps=name == "rnn_dt", cell=cell)
     raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")

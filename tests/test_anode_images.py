@@ -112,10 +112,29 @@ def test_equal_time_and_equal_epoch_comparisons(tmp_path):
     anode = table.set_index("model").loc["ANODE"]
     assert anode["test acc. % (final)"] == "95.50 ± 0.00"
     assert anode["test acc. % at epoch 2"] == "93.00 ± 0.00"    # ANODE's epoch 2, not its last
-    assert anode["test acc. % at 200 s"] == "95.50 ± 0.00"
+    assert anode["test acc. % at equal wall time"] == "95.50 ± 0.00"
     text = (tmp_path / "out" / "README.md").read_text()
     assert "target at least 94 %: holds" in text
     assert "+3.50 points (target at least +1.0: holds)" in text
     assert "2.00x fewer for ANODE: holds" in text
     assert not R.report(tmp_path / "empty", tmp_path / "none", "cpu")
     assert not (tmp_path / "none").exists()
+
+
+def test_equal_time_is_read_per_seed_at_its_shorter_runs_end(tmp_path):
+    """Seed 0's NODE run ends at 220 s, seed 1's at 200 s: each seed is compared at its own NODE
+    run's end, so seed 0's NODE counts with its last (annealed) epoch, not the one before 200 s
+    (the shortest end over all runs would read 90 % there)."""
+    runs = tmp_path / "runs"
+    _record(runs, "node_conv", 0, [90.0, 92.0], 110.0, 10.0, 40.0)       # ends at 220 s
+    _record(runs, "node_conv", 1, [90.0, 92.0], 100.0, 10.0, 40.0)       # ends at 200 s
+    _record(runs, "anode_conv", 0, [91.0, 92.0, 92.5, 95.5], 55.0, 5.0, 20.0)   # 220 s: epoch 4
+    _record(runs, "anode_conv", 1, [91.0, 92.0, 92.5, 95.5], 60.0, 5.0, 20.0)   # 200 s: epoch 3
+    assert R.report(runs, tmp_path / "out", "cpu")
+    table = pd.read_csv(tmp_path / "out" / "images.csv").set_index("model")
+    assert table.loc["NODE", "test acc. % at equal wall time"] == "92.00 ± 0.00"
+    assert table.loc["ANODE", "test acc. % at equal wall time"] == "94.00 ± 2.12"
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "(per seed, the end of its shorter run: 220 s, 200 s)" in text
+    assert "+2.00 points (target at least +1.0: holds)" in text
+    assert "ANODE after epoch 3, 4; NODE after epoch 2." in text

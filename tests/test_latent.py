@@ -169,11 +169,14 @@ def test_elbo_assembles_the_terms_per_spiral():
 def test_parameter_counts():
     # dynamics 4-20-4: (4*20 + 20) + (20*4 + 4); decoder 4-20-2: 100 + (20*2 + 2)
     assert count_parameters(LatentDynamics()) == 184
+    assert count_parameters(LatentDynamics(layers=2)) == 184 + 20 * 20 + 20   # torchdiffeq's
     assert count_parameters(Decoder()) == 142
     # GRU, input 2 + gap, 25 units: 3 gates x (25*3 + 25*25 + 25 + 25) = 2250; read-out 25 -> 8
     assert count_parameters(RecognitionRNN()) == 2250 + 208
     assert count_parameters(RecognitionRNN(cell="elman")) == (75 + 625 + 50) + 208
     assert count_parameters(build_model("latent_ode", DOPRI, Gradient("direct"))) == 2784
+    two = build_model("latent_ode", DOPRI, Gradient("direct"), dyn_layers=2)
+    assert count_parameters(two) == 2784 + 420
     # baselines: GRU 25 (input 2: 3 x (50 + 625 + 50) = 2175; with the gap 2250) + head 25 -> 4
     assert count_parameters(build_model("rnn")) == 2175 + 104
     assert count_parameters(build_model("rnn_dt")) == 2250 + 104
