@@ -19,7 +19,7 @@ from nodebench.train import onecycle_restarts
 
 def test_arms_compose_parameter_matched():
     params = {}
-    for arm, model, epochs in (("node", "node_conv", 3), ("anode", "anode_conv", 11)):
+    for arm, model, epochs in (("node", "node_conv", 3), ("anode", "anode_conv", 14)):
         cfg = C.compose(["experiment=dupont2019_images", f"arm={arm}", "dataset=synthetic"])
         assert cfg.model.name == model and cfg.trainer.epochs == epochs
         assert cfg.trainer.max_batches == 160 and cfg.optim.name == "adam_onecycle_restarts"
