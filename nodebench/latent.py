@@ -244,6 +244,31 @@ def rmse(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(torch.sqrt(torch.mean((pred.detach().double() - target.double()) ** 2)))
 
 
+def extrapolation_breakdown(pred: torch.Tensor, target: torch.Tensor, direction: torch.Tensor,
+                            threshold: float) -> dict:
+    """Where a model's extrapolation error comes from: the pooled RMSE (:func:`rmse`) hides
+    whether every spiral is a little off or a few are far off.
+
+    ``pred``, ``target`` (spirals, points, 2); ``direction`` (spirals,): -1 clockwise, +1
+    counter-clockwise (:class:`Spirals`). Returns ``test_rmse_median`` (median over spirals of the
+    per-spiral RMSE), ``test_rmse_cw`` / ``test_rmse_ccw`` (pooled RMSE of the clockwise /
+    counter-clockwise spirals; None when there is none) and ``test_failed_share`` (share of
+    spirals whose RMSE exceeds ``threshold``, e.g. 3x the noise std). Raises ValueError when the
+    shapes differ."""
+    if pred.shape != target.shape or pred.shape[0] != direction.shape[0]:
+        raise ValueError(f"extrapolation_breakdown: shapes {tuple(pred.shape)}, "
+                         f"{tuple(target.shape)}, {tuple(direction.shape)} do not match")
+    sq = (pred.detach().double() - target.double()) ** 2
+    per = sq.mean(dim=(1, 2)).sqrt()
+
+    def pooled(mask: torch.Tensor) -> float | None:
+        return float(sq[mask].mean().sqrt()) if bool(mask.any()) else None
+
+    return {"test_rmse_median": float(per.median()), "test_rmse_cw": pooled(direction < 0),
+            "test_rmse_ccw": pooled(direction > 0),
+            "test_failed_share": float((per > threshold).double().mean())}
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------

@@ -364,6 +364,10 @@ class TrajectoryFit:
                    run_dir / "trajectory.pt")
 
 
+# a test spiral whose extrapolation RMSE exceeds this many noise stds counts as failed
+FAILED_NOISE_MULTIPLE = 3.0
+
+
 class LatentSequence:
     """Latent ODE and RNN baselines on irregularly observed spirals: Chen et al. 2018, section 5.1
     and Table 2 (:mod:`nodebench.latent`).
@@ -374,7 +378,11 @@ class LatentSequence:
     Gaussian likelihood with fixed std ``obs_std``), or an RNN's Gaussian NLL of the next
     observation per predicted point. Evaluation on the test spirals: ``test_rmse`` (predictive
     RMSE of the extrapolation window against the noisy points: Table 2's number),
-    ``test_rmse_clean`` (against the noise-free curve) and ``recon_rmse`` (at the observed points).
+    ``test_rmse_clean`` (against the noise-free curve), ``recon_rmse`` (at the observed points),
+    and where the extrapolation error comes from (:func:`nodebench.latent.
+    extrapolation_breakdown`): the median per-spiral RMSE, the RMSE of the clockwise and the
+    counter-clockwise spirals, and the share of spirals off by more than
+    ``FAILED_NOISE_MULTIPLE`` (3) times the noise std.
     The latent ODE calls ``odesolve`` itself (no ODE block): :meth:`validity` checks its solve,
     and :meth:`check_objective` gives the gradient-error check the negative ELBO with its
     reparameterisation noise fixed.
@@ -384,7 +392,8 @@ class LatentSequence:
     check_seed = 0  # seeds the gradient-error check's reparameterisation noise
     name = "latent"
     train_columns = ()
-    eval_columns = ("test_rmse", "test_rmse_clean", "recon_rmse")
+    eval_columns = ("test_rmse", "test_rmse_clean", "recon_rmse", "test_rmse_median",
+                    "test_rmse_cw", "test_rmse_ccw", "test_failed_share")
     target = "test_rmse"
     unit = "spirals"
 
@@ -433,13 +442,16 @@ class LatentSequence:
         return {}
 
     def evaluate(self, model: nn.Module, batch_size: int) -> tuple[dict, int]:
-        from .latent import predict, rmse
+        from .latent import extrapolation_breakdown, predict, rmse
 
         s = self.data.spirals
         p = predict(model, s, self.data.obs, s.test)
-        return {"test_rmse": rmse(p["extrap"], s.noisy[s.test][:, s.extrap]),
+        target = s.noisy[s.test][:, s.extrap]
+        return {"test_rmse": rmse(p["extrap"], target),
                 "test_rmse_clean": rmse(p["extrap"], s.clean[s.test][:, s.extrap]),
-                "recon_rmse": rmse(p["recon"], p["recon_target"])}, 1
+                "recon_rmse": rmse(p["recon"], p["recon_target"]),
+                **extrapolation_breakdown(p["extrap"], target, s.direction[s.test],
+                                          FAILED_NOISE_MULTIPLE * s.config.noise)}, 1
 
     def check_batch(self, size: int) -> None:  # no ODE block: see validity(), check_objective()
         return None

@@ -21,6 +21,7 @@ from nodebench.latent import (
     SpiralConfig,
     build_model,
     count_parameters,
+    extrapolation_breakdown,
     gaps_since_previous,
     gaussian_log_likelihood,
     gaussian_nll,
@@ -122,6 +123,23 @@ def test_rmse_is_pooled_over_spirals_points_and_coordinates():
     assert rmse(torch.tensor([[3.0, 0.0], [0.0, 4.0]]), torch.zeros(2, 2)) == pytest.approx(2.5)
     with pytest.raises(ValueError):
         rmse(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_extrapolation_breakdown_separates_a_few_far_off_spirals():
+    target = torch.zeros(4, 5, 2)
+    pred = torch.full((4, 5, 2), 0.1)       # every spiral off by 0.1 ...
+    pred[0] = 2.0                           # ... but spiral 0 (clockwise) by 2
+    direction = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    out = extrapolation_breakdown(pred, target, direction, threshold=0.3)
+    assert out["test_rmse_median"] == pytest.approx(0.1)
+    assert out["test_rmse_cw"] == pytest.approx(math.sqrt((4.0 + 0.01) / 2))
+    assert out["test_rmse_ccw"] == pytest.approx(0.1)
+    assert out["test_failed_share"] == pytest.approx(0.25)
+    assert rmse(pred, target) == pytest.approx(math.sqrt((4.0 + 3 * 0.01) / 4))
+    only_ccw = extrapolation_breakdown(pred[2:], target[2:], direction[2:], threshold=0.3)
+    assert only_ccw["test_rmse_cw"] is None and only_ccw["test_failed_share"] == 0.0
+    with pytest.raises(ValueError):
+        extrapolation_breakdown(pred, target, direction[:3], threshold=0.3)
 
 
 def test_kl_against_the_standard_normal_in_closed_form():
@@ -245,10 +263,13 @@ def test_tiny_reproduction_end_to_end(runs_dir, capsys):
     assert s["status"] == "ok" and s["task"] == "latent" and s["iterations"] == 2 * 3
     assert s["params"] == 2784 and s["nfe_forward"] > 0 and s["nfe_backward"] == 0
     assert 0 < s["test_rmse"] < 10 and 0 < s["recon_rmse"] < 10
+    assert 0 < s["test_rmse_median"] and 0 <= s["test_failed_share"] <= 1
+    assert s["test_rmse_cw"] is not None and s["test_rmse_ccw"] is not None
     pred = torch.load(next(runs.glob("*rnn_s0")) / "predictions.pt")
     assert pred["extrap"].shape == (2, 100, 2)
     for name in ("README.md", "table2.md", "table2.csv", "table2_noise_free.csv", "details.md",
-                 "details.csv", "runs.csv", "spirals.png", "curves.png", "table.md"):
+                 "details.csv", "runs.csv", "spirals.png", "curves.png", "table.md",
+                 "breakdown.csv"):
         assert (results / name).stat().st_size > 0, name
     table = (results / "table2.md").read_text()
     rows = [r for r in table.splitlines() if r.startswith("| ")]
@@ -261,6 +282,8 @@ def test_tiny_reproduction_end_to_end(runs_dir, capsys):
     assert "0.3937 | 0.1813" in paper[0] and "0.1642 | 0.1346" in paper[1]
     assert "Budget (profile `tiny`)" in table and "noise std 0.1" in table
     assert "- Latent ODE at n = 30: test RMSE" in (results / "README.md").read_text()
+    assert "### Where the extrapolation error comes from" in (results / "README.md").read_text()
+    assert len(pd.read_csv(results / "breakdown.csv")) == 6
     csv = pd.read_csv(results / "table2.csv")
     assert len(csv[csv["source"] == "measured"]) == 6 and len(csv[csv["source"] == "paper"]) == 4
     # the report alone rebuilds the same table from the run records
