@@ -36,6 +36,7 @@ from .solvers import Gradient, Solver, odesolve
 LOG_2PI = math.log(2 * math.pi)
 CELLS = ("gru", "elman")
 MODELS = ("rnn", "rnn_dt", "latent_ode")
+FAMILIES = ("two_spirals", "independent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,9 +52,20 @@ class SpiralConfig:
 
     Each spiral is ``r(t) = r0 + growth * omega * t``, ``phi(t) = phi0 + s * omega * t``
     (an Archimedean spiral, r = r0 + growth * angle turned) with ``s = +1`` (counter-clockwise)
-    or ``-1`` (clockwise), ``omega = 2 pi turns / (n_window * dt)``, ``phi0 ~ U[0, 2 pi)``,
-    ``r0 ~ U[r_min, r_max]``; the points are ``r (cos phi, sin phi)`` plus N(0, noise^2) on each
-    coordinate, independently at each grid point.
+    or ``-1`` (clockwise), ``omega = 2 pi turns / (n_window * dt)``, ``r0 ~ U[r_min, r_max]``;
+    the points are ``r (cos phi, sin phi)`` plus N(0, noise^2) on each coordinate,
+    independently at each grid point. ``family`` says how ``phi0`` relates to ``r0``:
+
+    * ``"two_spirals"`` (the paper's data, section 5.1: "each starting at a different point" of
+      a clockwise and a counter-clockwise spiral, as in its authors' example code): every
+      spiral is a stretch of one of two fixed curves, r = r_min + growth * theta with
+      phi = +theta (counter-clockwise) or phi = -theta (clockwise), starting at the point where
+      r = r0, so ``phi0 = s * (r0 - r_min) / growth``; one number and the direction fix a
+      spiral, and the continuation of one spiral is the window of spirals further out;
+    * ``"independent"``: ``phi0 ~ U[0, 2 pi)`` independently of ``r0`` (a two-parameter family,
+      nodebench's first generator): no spiral's continuation is another's window.
+
+    Raises ValueError for a bad size, rate or family (``two_spirals`` needs ``growth > 0``).
     """
 
     n_spirals: int = 1000
@@ -66,6 +78,7 @@ class SpiralConfig:
     growth: float = 0.1
     noise: float = 0.1
     n_train: int = 800
+    family: str = "two_spirals"
 
     def __post_init__(self) -> None:
         for name in ("n_spirals", "n_window", "n_extrap", "n_train"):
@@ -80,6 +93,12 @@ class SpiralConfig:
                 raise ValueError(f"spirals.{name} must be positive, got {getattr(self, name)!r}")
         if not (0 <= self.r_min <= self.r_max) or self.growth < 0 or self.noise < 0:
             raise ValueError("spirals: need 0 <= r_min <= r_max, growth >= 0, noise >= 0")
+        if self.family not in FAMILIES:
+            raise ValueError(f"spirals.family must be one of {', '.join(FAMILIES)}, "
+                             f"got {self.family!r}")
+        if self.family == "two_spirals" and not self.growth > 0:
+            raise ValueError("spirals.family two_spirals needs growth > 0 (the start angle is "
+                             "(r0 - r_min) / growth)")
 
     @property
     def omega(self) -> float:
@@ -122,7 +141,8 @@ class Spirals:
 
 
 def make_spirals(config: SpiralConfig, seed: int) -> Spirals:
-    """Draw the data set from a generator seeded with ``seed`` (the same seed, the same spirals).
+    """Draw the data set from a generator seeded with ``seed`` (the same seed, the same spirals;
+    ``config.family`` chooses how start angle and radius relate, see :class:`SpiralConfig`).
 
     Exactly half (floor) of the spirals turn clockwise, in a random order, so that the train/test
     split holds both kinds. Computed in float64, returned as float32.
@@ -136,6 +156,8 @@ def make_spirals(config: SpiralConfig, seed: int) -> Spirals:
     direction = direction[torch.randperm(n, generator=gen)]
     phi0 = 2 * math.pi * torch.rand(n, generator=gen, dtype=torch.float64)
     r0 = c.r_min + (c.r_max - c.r_min) * torch.rand(n, generator=gen, dtype=torch.float64)
+    if c.family == "two_spirals":    # the same draws, so the noise is the same in both families
+        phi0 = direction * (r0 - c.r_min) / c.growth
     phi = phi0[:, None] + direction[:, None] * c.omega * t
     r = r0[:, None] + c.growth * c.omega * t
     clean = torch.stack([r * torch.cos(phi), r * torch.sin(phi)], dim=-1)

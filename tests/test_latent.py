@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from nodebench.errors import ConfigError
 from nodebench.experiments import latent as driver
 from nodebench.instruments import NFECounter
 from nodebench.latent import (
@@ -30,6 +31,7 @@ from nodebench.latent import (
     observe,
     predict,
     rmse,
+    spiral_dataset,
     subsample,
 )
 from nodebench.models.blocks import Dynamics
@@ -73,6 +75,28 @@ def test_radius_grows_linearly_with_the_angle_turned():
     assert float(s.r0.min()) >= SMALL.r_min and float(s.r0.max()) <= SMALL.r_max
     assert torch.allclose(s.clean[:, 0], s.r0[:, None] * torch.stack(
         [s.phi0.cos(), s.phi0.sin()], -1), atol=1e-5)
+
+
+def test_two_spirals_family_puts_every_spiral_on_one_of_two_curves():
+    """Chen et al. 2018 section 5.1: each spiral starts at a different point of a clockwise and a
+    counter-clockwise spiral; independently drawn start angles put no two on one curve."""
+    s = make_spirals(SMALL, 2)
+    theta = (s.clean.norm(dim=-1) - SMALL.r_min) / SMALL.growth      # the curve's angle
+    phi = torch.atan2(s.clean[..., 1], s.clean[..., 0])
+    on_curve = torch.remainder(phi - s.direction[:, None] * theta + math.pi, 2 * math.pi) - math.pi
+    assert float(on_curve.abs().max()) < 1e-4
+    other = make_spirals(SpiralConfig(n_spirals=40, n_train=30, family="independent"), 2)
+    assert torch.equal(other.direction, s.direction) and torch.equal(other.r0, s.r0)
+    assert torch.allclose(other.noisy - other.clean, s.noisy - s.clean, atol=1e-6)  # same noise
+    off = torch.remainder(other.phi0 - other.direction * (other.r0 - SMALL.r_min) / SMALL.growth
+                          + math.pi, 2 * math.pi) - math.pi
+    assert float(off.abs().max()) > 1.0 and 0 <= float(other.phi0.min()) < 2 * math.pi
+
+
+@pytest.mark.parametrize("bad", [{"family": "helix"}, {"family": "two_spirals", "growth": 0.0}])
+def test_bad_spiral_family_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="family"):
+        spiral_dataset(n_obs=30, seed=0, n_spirals=40, n_train=30, **bad)
 
 
 def test_noise_level_and_determinism_by_seed():
