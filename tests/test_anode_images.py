@@ -19,9 +19,11 @@ from nodebench.train import onecycle_restarts
 
 def test_arms_compose_parameter_matched():
     params = {}
-    for arm, model, epochs in (("node", "node_conv", 3), ("anode", "anode_conv", 14)):
+    for arm, model, epochs, cycles in (("node", "node_conv", 3, [1]),
+                                       ("anode", "anode_conv", 14, [6, 8])):
         cfg = C.compose(["experiment=dupont2019_images", f"arm={arm}", "dataset=synthetic"])
         assert cfg.model.name == model and cfg.trainer.epochs == epochs
+        assert list(cfg.optim.scheduler.cycles) == cycles
         assert cfg.trainer.max_batches == 160 and cfg.optim.name == "adam_onecycle_restarts"
         model_ = C.build_model(cfg, inputs=C.model_inputs(cfg))
         params[model] = sum(p.numel() for p in model_.parameters())
