@@ -56,14 +56,14 @@ class SpiralConfig:
     the points are ``r (cos phi, sin phi)`` plus N(0, noise^2) on each coordinate,
     independently at each grid point. ``family`` says how ``phi0`` relates to ``r0``:
 
-    * ``"two_spirals"`` (the paper's data, section 5.1: "each starting at a different point" of
-      a clockwise and a counter-clockwise spiral, as in its authors' example code): every
+    * ``"independent"`` (the default): ``phi0 ~ U[0, 2 pi)`` independently of ``r0`` (a
+      two-parameter family): no spiral's continuation is another's window;
+    * ``"two_spirals"`` (closer to the paper's data, section 5.1: "each starting at a different
+      point" of a clockwise and a counter-clockwise spiral, as in its authors' example): every
       spiral is a stretch of one of two fixed curves, r = r_min + growth * theta with
       phi = +theta (counter-clockwise) or phi = -theta (clockwise), starting at the point where
       r = r0, so ``phi0 = s * (r0 - r_min) / growth``; one number and the direction fix a
-      spiral, and the continuation of one spiral is the window of spirals further out;
-    * ``"independent"``: ``phi0 ~ U[0, 2 pi)`` independently of ``r0`` (a two-parameter family,
-      nodebench's first generator): no spiral's continuation is another's window.
+      spiral, and the continuation of one spiral is the window of spirals further out.
 
     Raises ValueError for a bad size, rate or family (``two_spirals`` needs ``growth > 0``).
     """
@@ -78,7 +78,7 @@ class SpiralConfig:
     growth: float = 0.1
     noise: float = 0.1
     n_train: int = 800
-    family: str = "two_spirals"
+    family: str = "independent"
 
     def __post_init__(self) -> None:
         for name in ("n_spirals", "n_window", "n_extrap", "n_train"):

@@ -80,12 +80,12 @@ def test_radius_grows_linearly_with_the_angle_turned():
 def test_two_spirals_family_puts_every_spiral_on_one_of_two_curves():
     """Chen et al. 2018 section 5.1: each spiral starts at a different point of a clockwise and a
     counter-clockwise spiral; independently drawn start angles put no two on one curve."""
-    s = make_spirals(SMALL, 2)
+    s = make_spirals(SpiralConfig(n_spirals=40, n_train=30, family="two_spirals"), 2)
     theta = (s.clean.norm(dim=-1) - SMALL.r_min) / SMALL.growth      # the curve's angle
     phi = torch.atan2(s.clean[..., 1], s.clean[..., 0])
     on_curve = torch.remainder(phi - s.direction[:, None] * theta + math.pi, 2 * math.pi) - math.pi
     assert float(on_curve.abs().max()) < 1e-4
-    other = make_spirals(SpiralConfig(n_spirals=40, n_train=30, family="independent"), 2)
+    other = make_spirals(SMALL, 2)                                       # independent
     assert torch.equal(other.direction, s.direction) and torch.equal(other.r0, s.r0)
     assert torch.allclose(other.noisy - other.clean, s.noisy - s.clean, atol=1e-6)  # same noise
     off = torch.remainder(other.phi0 - other.direction * (other.r0 - SMALL.r_min) / SMALL.growth
