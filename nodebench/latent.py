@@ -284,7 +284,7 @@ def extrapolation_breakdown(pred: torch.Tensor, target: torch.Tensor, direction:
     per = sq.mean(dim=(1, 2)).sqrt()
 
     def pooled(mask: torch.Tensor) -> float | None:
-        return float(sq[mask].mean().sqrt()) if bool(mask.any()) else None
+        return rmse(pred[mask], target[mask]) if bool(mask.any()) else None
 
     return {"test_rmse_median": float(per.median()), "test_rmse_cw": pooled(direction < 0),
             "test_rmse_ccw": pooled(direction > 0),
