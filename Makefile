@@ -8,7 +8,7 @@ SHARED_MNIST ?= ../shared/data/mnist
 
 .DEFAULT_GOAL := help
 .PHONY: help install data test smoke reproduce-mnist reproduce-anode reproduce-anode-toys reproduce-anode-images reproduce-shapes \
-        reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients reproduce-cnf reproduce-regularisation reproduce-preset bench tensorboard lint clean \
+        reproduce-expressivity reproduce-dynamics reproduce-latent reproduce-gradients reproduce-cnf reproduce-regularisation reproduce-preset report-preset bench tensorboard lint clean \
         slurm-local test-slurm
 
 help: ## list every target
@@ -66,6 +66,9 @@ reproduce-regularisation: install data ## RNODE / TayNODE penalties on the Table
 
 reproduce-preset: install ## any preset of conf/experiment: make reproduce-preset NAME=seed001_dynamics PROFILE=tiny (nodebench reproduce)
 	$(VENV)/bin/nodebench reproduce $(NAME) profile=$(PROFILE)
+
+report-preset: install ## rebuild a preset's report from its existing runs, training nothing (e.g. after quiet-run appended its verdict): make report-preset NAME=dupont2019_images (nodebench reproduce NAME --report-only)
+	$(VENV)/bin/nodebench reproduce $(NAME) --report-only profile=$(PROFILE)
 
 reproduce-gradients: install data ## every gradient mode on the ODE-Net (MNIST) and the annulus: error, NFE, memory, time (nodebench reproduce gradient_modes) -> results/gradients*
 	$(VENV)/bin/nodebench reproduce gradient_modes profile=$(PROFILE)

@@ -20,6 +20,12 @@ stages and its builder run (the expressivity measurement). When the sweep traine
 ``results/.../reproduce.json`` records the wall time (sweep and whole), jobs at a time, threads
 per job and the 1-minute load average (start, maximum sampled every 10 s, end).
 
+``nodebench reproduce NAME --report-only [profile=P] [overrides]`` trains nothing and runs no
+stage: it rebuilds the report from the run records already in the preset's run folder (and keeps
+its ``reproduce.json``), e.g. after ``shared/tools/quiet-run -- make reproduce-...`` has appended
+its verdict line to ``results/.../quiet-run.log``, which the report quotes; no run records there
+is bad input (exit status 2).
+
 Exit status: that of the sweep (0 every run ok, 1 a run failed, 2 bad input); the report is
 written whenever a run record exists.
 """
@@ -177,8 +183,18 @@ def main(args: list[str]) -> int:
     if args[0] == "--list":
         print("\n".join(presets()))
         return 0
+    report_only = "--report-only" in args
+    args = [a for a in args if a != "--report-only"]
+    if not args:
+        raise ConfigError("nodebench reproduce --report-only needs a preset: "
+                          "nodebench reproduce NAME --report-only")
     name, rest = args[0], args[1:]
     train_args, sweep_dir, results, report = plan(name, rest)
+    if report_only:
+        if not report["train"] or not any(sweep_dir.rglob("summary.json")):
+            raise ConfigError(f"--report-only: no run records under {shown_path(sweep_dir)}/ "
+                              f"(run nodebench reproduce {name} first)")
+        return _report(name, rest, sweep_dir, results, report, code=0)
     clock = LoadClock()
     if report["train"]:
         code = 0
@@ -214,6 +230,15 @@ def main(args: list[str]) -> int:
             "cores": os.cpu_count(), "load_start": clock.load_start,
             "load_max": round(clock.load_max, 2), "load_end": os.getloadavg()[0]},
             indent=2) + "\n")
+    return _report(name, rest, sweep_dir, results, report, code)
+
+
+def _report(name: str, rest: list[str], sweep_dir: Path, results: Path, report: dict,
+            code: int) -> int:
+    """The generic table and the preset's own builder, from the run records in ``sweep_dir``
+    into ``results``; returns ``code``."""
+    from .tables import write_report
+
     if report["train"]:
         write_report(sweep_dir, results, title=f"{name} (profile {report['profile']})",
                      by=report["by"], metrics=report["metrics"],

@@ -84,6 +84,17 @@ def test_tiny_reproduction_writes_the_report(runs_dir):
     assert len(curves) == 4 and (curves.groupby("model").elapsed_s.is_monotonic_increasing).all()
     readme = (results / "README.md").read_text()
     assert "At equal wall time" in readme and "At equal epochs (2)" in readme
+    # --report-only: the verdict quiet-run appends after the command ends is quoted by the
+    # rebuilt report; nothing retrains (run records untouched), reproduce.json is kept.
+    verdict = "quiet-run: QUIET: 'make reproduce-anode-images' exit 0, wall 9 s, load 0.1"
+    (results / "quiet-run.log").write_text("started\n" + verdict + "\n")
+    records = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    schedule = (results / "reproduce.json").read_text()
+    assert verdict not in readme
+    assert main(["reproduce", "dupont2019_images", "profile=tiny", "--report-only"]) == 0
+    assert verdict in (results / "README.md").read_text()
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == records
+    assert (results / "reproduce.json").read_text() == schedule
 
 
 def _record(root, model, seed, accs, epoch_s, iter_s, nfe):

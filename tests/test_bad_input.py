@@ -350,3 +350,14 @@ def test_nfe_switch_off_counts_and_writes_no_nfe(runs_dir):
     acc = EventAccumulator(str(runs_dir / "off"))
     acc.Reload()
     assert not [t for t in acc.Tags()["scalars"] if "nfe" in t]
+
+
+def test_report_only_without_run_records_is_refused(runs_dir, capsys):
+    """``nodebench reproduce NAME --report-only`` before any run: one error line, exit 2, no
+    results folder written."""
+    from nodebench.cli import main
+
+    assert main(["reproduce", "dupont2019_images", "profile=tiny", "--report-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nodebench: error: --report-only: no run records")
+    assert not (runs_dir / "anode").exists() and not (runs_dir / "dupont2019_images-tiny").exists()
