@@ -174,7 +174,6 @@ def _jobs(train_args: list[str]) -> int:
 def main(args: list[str]) -> int:
     """The ``reproduce`` command (see the module docstring)."""
     from .cli import cmd_train
-    from .tables import write_report
 
     if not args or args[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[0] + "\n\npresets: " + ", ".join(presets())
