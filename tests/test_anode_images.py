@@ -20,7 +20,7 @@ from nodebench.train import onecycle_restarts
 def test_arms_compose_parameter_matched():
     params = {}
     for arm, model, epochs, cycles in (("node", "node_conv", 5, [1]),
-                                       ("anode", "anode_conv", 10, [1])):
+                                       ("anode", "anode_conv", 12, [1])):
         cfg = C.compose(["experiment=dupont2019_images", f"arm={arm}", "dataset=synthetic"])
         assert cfg.model.name == model and cfg.trainer.epochs == epochs
         assert list(cfg.optim.scheduler.cycles) == cycles

@@ -285,6 +285,9 @@ def test_tiny_reproduction_end_to_end(runs_dir, capsys):
                                        for n in (30, 100))
     s = summaries[("latent_ode", 30)]
     assert s["status"] == "ok" and s["task"] == "latent" and s["iterations"] == 2 * 3
+    # the preset's spirals turn 0.3 of a turn per window (the authors' example); the data set's
+    # default stays half a turn
+    assert s["config"]["dataset"]["turns"] == 0.3 and SpiralConfig().turns == 0.5
     assert s["params"] == 2784 and s["nfe_forward"] > 0 and s["nfe_backward"] == 0
     assert 0 < s["test_rmse"] < 10 and 0 < s["recon_rmse"] < 10
     assert 0 < s["test_rmse_median"] and 0 <= s["test_failed_share"] <= 1
