@@ -98,12 +98,15 @@ def test_tiny_reproduction_writes_the_report(runs_dir):
 
 
 def _record(root, model, seed, accs, epoch_s, iter_s, nfe):
+    """A run record; ``nfe``: forward (= backward) NFE per iteration, one number for every
+    epoch or one per epoch (the summary holds the last)."""
     run = root / f"{model}_s{seed}"
     run.mkdir(parents=True)
     pd.DataFrame({"epoch": range(1, len(accs) + 1), "test_error": [100 - a for a in accs],
                   "epoch_time_s": epoch_s, "eval_time_s": 0.0, "iterations": 10,
                   "nfe_forward": nfe, "nfe_backward": nfe}).to_csv(run / "metrics.csv",
                                                                    index=False)
+    nfe = nfe[-1] if isinstance(nfe, list) else nfe
     summary = {"model": model, "seed": seed, "status": "ok", "params": 1, "test_error":
                100 - accs[-1], "epochs_done": len(accs), "iterations": 10 * len(accs),
                "nfe_forward": nfe, "nfe_backward": nfe, "nfe_eval": nfe, "iter_s": iter_s,
@@ -151,3 +154,22 @@ def test_equal_time_is_read_per_seed_at_its_shorter_runs_end(tmp_path):
     assert "(per seed, the end of its shorter run: 220 s, 200 s)" in text
     assert "+2.00 points (target at least +1.0: holds)" in text
     assert "ANODE after epoch 3, 4; NODE after epoch 2." in text
+
+
+def test_nfe_compared_at_equal_wall_time_equal_epochs_and_the_end(tmp_path):
+    """ANODE's NFE grow over its longer run: fewer than NODE's at equal epochs and at equal wall
+    time, more at each run's end; the report says each, from the per-epoch metrics."""
+    runs = tmp_path / "runs"
+    for seed in (0, 1):     # NODE: 2 epochs of 100 s; ANODE: 4 epochs of 50 s
+        _record(runs, "node_conv", seed, [90.0, 92.0], 100.0, 10.0, [20.0, 25.0])
+        _record(runs, "anode_conv", seed, [91.0, 93.0, 94.5, 95.5], 50.0, 5.0,
+                [10.0, 12.0, 20.0, 30.0])
+    assert R.report(runs, tmp_path / "out", "cpu")
+    table = pd.read_csv(tmp_path / "out" / "images.csv").set_index("model")
+    assert table.loc["ANODE", "NFE / iter at epoch 2"] == "24.0 ± 0.0"       # 2 x 12
+    assert table.loc["ANODE", "NFE / iter at equal wall time"] == "60.0 ± 0.0"   # epoch 4 at 200 s
+    assert table.loc["NODE", "NFE / iter at equal wall time"] == "50.0 ± 0.0"
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert ("at equal wall time: ANODE 60.0 vs NODE 50.0 (0.83x fewer for ANODE: does not hold)"
+            "; at equal epochs (2): ANODE 24.0 vs NODE 50.0 (2.08x fewer for ANODE: holds)") in text
+    assert "at each run's end (its last epoch; the arms' epochs differ): ANODE 60.0" in text

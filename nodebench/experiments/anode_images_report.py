@@ -10,8 +10,8 @@ results folder:
 - ``images.md`` / ``images.csv``: one row per model, mean ± std over the seeds: final test
   accuracy, accuracy at equal epochs (the last epoch both arms reached) and at equal wall time
   (per seed: the last evaluation of each run at or before the end of that seed's shortest run,
-  so the shorter arm is read at its own end), NFE per iteration,
-  seconds per iteration, wall time, runs whose final solve check passed (summary.json
+  so the shorter arm is read at its own end), NFE per iteration (at each run's end, at equal
+  epochs and at equal wall time), seconds per iteration, wall time, runs whose final solve check passed (summary.json
   ``valid``: reference and round-trip errors under the threshold); the paper's accuracy in a
   column of its own.
 - ``images_runs.csv``: one row per run; ``images_curves.csv``: accuracy after every epoch with
@@ -101,11 +101,19 @@ def _epoch_at(curves: pd.DataFrame, model: str, seed, seconds: float) -> int | N
     return None if c.empty else int(c.iloc[-1]["epoch"])
 
 
-def _at(curves: pd.DataFrame, model: str, seed, *, epoch=None, seconds=None) -> float | None:
-    """A run's test accuracy at its last evaluation at or before ``epoch`` / ``seconds``."""
+def _at(curves: pd.DataFrame, model: str, seed, *, epoch=None, seconds=None,
+        column: str = "test_accuracy") -> float | None:
+    """A run's ``column`` (test accuracy in %, or ``"nfe"``: forward + backward NFE per training
+    iteration, the epoch's mean) at its last evaluation at or before ``epoch`` / ``seconds``."""
     c = curves[(curves.model == model) & (curves.seed == seed)]
     c = c[c.epoch <= epoch] if epoch is not None else c[c.elapsed_s <= seconds + 1e-9]
-    return None if c.empty else float(c.iloc[-1]["test_accuracy"])
+    if c.empty:
+        return None
+    last = c.iloc[-1]
+    if column == "nfe":
+        f, b = last.get("nfe_forward"), last.get("nfe_backward")
+        return None if pd.isna(f) else float(f) + (0.0 if pd.isna(b) else float(b))
+    return float(last[column])
 
 
 def table(frame: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -124,13 +132,17 @@ def table(frame: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, dict
         at_epoch = [_at(curves, model, s, epoch=common_epoch) for s in g.seed]
         at_time = [_at(curves, model, s, seconds=seed_time[s]) if s in seed_time else None
                    for s in g.seed]
+        nfe_epoch = [_at(curves, model, s, epoch=common_epoch, column="nfe") for s in g.seed]
+        nfe_time = [_at(curves, model, s, seconds=seed_time[s], column="nfe")
+                    if s in seed_time else None for s in g.seed]
         facts.setdefault("time_epochs", {})[model] = sorted(
             {e for e in (_epoch_at(curves, model, s, seed_time[s]) for s in g.seed
                          if s in seed_time) if e is not None})
         facts[model] = {k: (pd.to_numeric(pd.Series(v), errors="coerce").mean() if len(v) else None)
                         for k, v in (("final", list(g.test_accuracy)), ("at_epoch", at_epoch),
                                      ("at_time", at_time), ("iter_s", list(g.iter_s)),
-                                     ("nfe", list(g.nfe_forward + g.nfe_backward)))}
+                                     ("nfe", list(g.nfe_forward + g.nfe_backward)),
+                                     ("nfe_epoch", nfe_epoch), ("nfe_time", nfe_time))}
         rows.append({
             "model": TITLES[model], "params": mean_std(g.params, ".0f", single="{mean}"),
             "runs": f"{len(g)} ok" + (f", {(frame.model == model).sum() - len(g)} failed"
@@ -141,6 +153,8 @@ def table(frame: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, dict
             f"test acc. % at epoch {common_epoch}": mean_std(at_epoch, ".2f"),
             "test acc. % at equal wall time": mean_std(at_time, ".2f"),
             "NFE forward / iter": mean_std(g.nfe_forward, ".1f"),
+            f"NFE / iter at epoch {common_epoch}": mean_std(nfe_epoch, ".1f"),
+            "NFE / iter at equal wall time": mean_std(nfe_time, ".1f"),
             "NFE backward / iter": mean_std(g.nfe_backward, ".1f"),
             "test NFE": mean_std(g.nfe_eval, ".1f"),
             "s / iter": mean_std(g.iter_s, ".3f"),
@@ -177,10 +191,22 @@ def verdicts(facts: dict) -> list[str]:
     if a["at_epoch"] is not None and n["at_epoch"] is not None:
         out.append(f"At equal epochs ({facts['common_epoch']}) ANODE {a['at_epoch']:.2f} % vs NODE "
                    f"{n['at_epoch']:.2f} % ({a['at_epoch'] - n['at_epoch']:+.2f} points).")
+
+    def fewer(key: str) -> str:
+        return (f"ANODE {a[key]:.1f} vs NODE {n[key]:.1f} ({n[key] / a[key]:.2f}x fewer for "
+                f"ANODE: {yes(a[key] < n[key])})")
+
+    def known(key: str) -> bool:
+        return bool(a[key]) and bool(n[key]) and pd.notna(a[key]) and pd.notna(n[key])
+
+    if known("nfe_time"):
+        out.append("NFE per training iteration (forward + backward, the mean over the epoch of the "
+                   f"evaluation compared) at equal wall time: {fewer('nfe_time')}"
+                   + (f"; at equal epochs ({facts['common_epoch']}): {fewer('nfe_epoch')}"
+                      if known("nfe_epoch") else "") + ".")
     if a["nfe"] and n["nfe"]:
-        out.append(f"NFE per training iteration (forward + backward, last epoch): ANODE "
-                   f"{a['nfe']:.1f} vs NODE {n['nfe']:.1f} ({n['nfe'] / a['nfe']:.2f}x fewer for "
-                   f"ANODE: {yes(a['nfe'] < n['nfe'])}); seconds per iteration ANODE "
+        out.append(f"NFE per training iteration at each run's end (its last epoch; the arms' "
+                   f"epochs differ): {fewer('nfe')}; seconds per iteration ANODE "
                    f"{a['iter_s']:.3f} vs NODE {n['iter_s']:.3f} ({yes(a['iter_s'] < n['iter_s'])} "
                    f"that ANODE costs less time).")
     return out
