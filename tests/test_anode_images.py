@@ -157,8 +157,8 @@ def test_equal_time_is_read_per_seed_at_its_shorter_runs_end(tmp_path):
 
 
 def test_nfe_compared_at_equal_wall_time_equal_epochs_and_the_end(tmp_path):
-    """ANODE's NFE grow over its longer run: fewer than NODE's at equal epochs and at equal wall
-    time, more at each run's end; the report says each, from the per-epoch metrics."""
+    """ANODE's NFE grow over its longer run: fewer than NODE's at equal epochs, more at equal wall
+    time and at each run's end; the report says each, from the per-epoch metrics."""
     runs = tmp_path / "runs"
     for seed in (0, 1):     # NODE: 2 epochs of 100 s; ANODE: 4 epochs of 50 s
         _record(runs, "node_conv", seed, [90.0, 92.0], 100.0, 10.0, [20.0, 25.0])

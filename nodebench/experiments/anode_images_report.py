@@ -11,9 +11,9 @@ results folder:
   accuracy, accuracy at equal epochs (the last epoch both arms reached) and at equal wall time
   (per seed: the last evaluation of each run at or before the end of that seed's shortest run,
   so the shorter arm is read at its own end), NFE per iteration (at each run's end, at equal
-  epochs and at equal wall time), seconds per iteration, wall time, runs whose final solve check passed (summary.json
-  ``valid``: reference and round-trip errors under the threshold); the paper's accuracy in a
-  column of its own.
+  epochs and at equal wall time), seconds per iteration, wall time, runs whose final solve check
+  passed (summary.json ``valid``: reference and round-trip errors under the threshold); the
+  paper's accuracy in a column of its own.
 - ``images_runs.csv``: one row per run; ``images_curves.csv``: accuracy after every epoch with
   the cumulative training + evaluation seconds.
 - ``accuracy_vs_time.png`` and ``accuracy_vs_epoch.png``; ``README.md`` with the budget, the
