@@ -103,22 +103,21 @@ def _epoch_at(curves: pd.DataFrame, model: str, seed, seconds: float) -> int | N
 
 def _at(curves: pd.DataFrame, model: str, seed, *, epoch=None, seconds=None,
         column: str = "test_accuracy") -> float | None:
-    """A run's ``column`` (test accuracy in %, or ``"nfe"``: forward + backward NFE per training
-    iteration, the epoch's mean) at its last evaluation at or before ``epoch`` / ``seconds``."""
+    """A run's ``column`` of ``curves`` (e.g. ``test_accuracy`` in %, or ``nfe``, see
+    :func:`table`) at its last evaluation at or before ``epoch`` / ``seconds``; None where
+    there is none or the value is missing."""
     c = curves[(curves.model == model) & (curves.seed == seed)]
     c = c[c.epoch <= epoch] if epoch is not None else c[c.elapsed_s <= seconds + 1e-9]
-    if c.empty:
-        return None
-    last = c.iloc[-1]
-    if column == "nfe":
-        f, b = last.get("nfe_forward"), last.get("nfe_backward")
-        return None if pd.isna(f) else float(f) + (0.0 if pd.isna(b) else float(b))
-    return float(last[column])
+    value = None if c.empty else c.iloc[-1][column]
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def table(frame: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """One row per model (mean ± std over the ok runs) and the numbers the verdicts use."""
     ok = frame[frame.status == "ok"]
+    # forward + backward NFE per training iteration, the epoch's mean (backward missing: 0)
+    curves = curves.assign(nfe=pd.to_numeric(curves.nfe_forward, errors="coerce")
+                           + pd.to_numeric(curves.nfe_backward, errors="coerce").fillna(0.0))
     ends = curves.groupby(["model", "seed"]).agg(epochs=("epoch", "max"), end=("elapsed_s", "max"))
     common_epoch = int(ends.epochs.min()) if len(ends) else None
     # equal wall time, per seed: the end of that seed's shortest run (so that every run of the
